@@ -1,0 +1,31 @@
+# The two commands of the README:  `make book`  and  `make test`.
+# Both create the virtual environment on first use (CPU torch from the pinned wheel, then
+# diffnotes with its book and dev extras) and reuse it afterwards.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+JBFLAGS ?= --keep-going
+TESTFLAGS ?= -n 2
+
+.PHONY: book test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[book,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+book: $(VENV)/.installed           ## execute every chapter and build the website into _build/html
+	$(BIN)/jupyter-book build . $(JBFLAGS)
+
+test: $(VENV)/.installed           ## the test suite (benchmarks excluded)
+	$(BIN)/pytest $(TESTFLAGS) --ignore=tests/benchmarks
+
+bench: $(VENV)/.installed          ## speed and memory ratios, printed
+	$(BIN)/pytest tests/benchmarks -s -p no:xdist
+
+clean:
+	rm -rf _build

@@ -1,0 +1,15 @@
+"""Sphinx extension loaded by the book build (``_config.yml`` → ``local_extensions``).
+
+It sets ``DIFFNOTES_STATIC=1`` in the build's environment *before* any chapter is executed;
+the kernels that MyST-NB starts inherit it, so every explorer renders its static twin
+(self-contained HTML and JavaScript) instead of live ipywidgets, which need a kernel.
+"""
+import os
+
+os.environ["DIFFNOTES_STATIC"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def setup(app):
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,642 @@
+"""Attention maps of a diffusers UNet, recorded online while it runs.
+
+Every transformer block of a Stable-Diffusion-style UNet has a self-attention layer (``attn1``:
+queries, keys and values from the image features, seed 000 eqs 1.49-1.50) and a cross-attention
+layer (``attn2``: queries from the image, keys and values from the text, seed 000 eqs 1.46-1.48).
+Both compute the probabilities
+
+    A = softmax(Q K^T / sqrt(d))            (seed 000 eq 1.47; 004 "matrix form")
+
+of shape ``(B * heads, h * w, M)``; row ``i * w + j`` is latent pixel ``(i, j)`` (diffusers
+flattens row-major) and column ``m`` is key token ``m`` (a prompt token for cross-attention, a
+pixel for self-attention).
+
+:class:`AttentionStore` installs a :class:`RecordingAttnProcessor` on the layers it records. The
+processor computes exactly what diffusers' default ``AttnProcessor`` computes (the same calls in
+the same order), and hands ``A`` averaged over heads to the store, which keeps a running sum per
+layer. Memory therefore does not grow with the number of denoising steps. Per-step maps are kept
+only when asked (``store_steps=True``) and only for layers at or below ``step_max_res``.
+
+Word helpers map a prompt's words to token positions (words that the tokenizer splits into
+several tokens included, for CLIP's BPE tokenizer as for a word-level one), and
+:func:`upsample` / :func:`overlay` turn a map into a heatmap over the generated image.
+
+Conventions: maps returned to the reader are ``(B, h, w, M)`` tensors (or ``(h, w)`` for one
+word of one row), float32 (float64 when the model runs in float64).
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RecordingAttnProcessor", "AttentionStore", "LayerInfo",
+    "tokenize_prompt", "prompt_words", "word_token_indices",
+    "upsample", "normalize_map", "overlay", "generate_with_attention",
+]
+
+_KINDS = ("cross", "self")
+
+
+# ---------------------------------------------------------------------------- the processor
+class RecordingAttnProcessor:
+    """diffusers ``AttnProcessor`` that also hands the attention probabilities to a store.
+
+    ``__call__`` is line for line the computation of ``diffusers.models.attention_processor.
+    AttnProcessor`` (so outputs are equal to it bit for bit): Q = W_Q f, K = W_K c, V = W_V c
+    (seed 000 eq 1.48; c = f for self-attention, eq 1.50), A = softmax(QK^T/sqrt d) (eq 1.47,
+    via ``attn.get_attention_scores``), out = W_O (A V). Only the extra line
+    ``self.store._record(...)`` differs; it does not touch the output.
+    """
+
+    def __init__(self, store: "AttentionStore", name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        is_cross = encoder_hidden_states is not None
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)                                    # Q = W_Q f  (1.48)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)                              # K = W_K c  (1.48)
+        value = attn.to_v(encoder_hidden_states)                            # V = W_V c  (1.48)
+
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        attention_probs = attn.get_attention_scores(query, key, attention_mask)  # eq 1.47
+        self.store._record(self.name, attn, attention_probs, is_cross)
+        hidden_states = torch.bmm(attention_probs, value)                  # A V  (1.47)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
+                                                                    width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------- the store
+@dataclass
+class LayerInfo:
+    """One recorded attention layer: ``name`` (module path, e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``), ``kind`` ("cross"/"self"),
+    ``place`` ("down"/"mid"/"up"), query grid ``height`` × ``width``, ``heads``, ``keys`` (number
+    of key tokens), ``order`` (position in the forward pass)."""
+
+    name: str
+    kind: str
+    place: str
+    height: int
+    width: int
+    heads: int
+    keys: int
+    order: int
+
+    @property
+    def res(self) -> int:
+        """The larger side of the query grid (16 for a 16×16 layer)."""
+        return max(self.height, self.width)
+
+
+def _place(name: str) -> str:
+    for p in ("down", "mid", "up"):
+        if name.startswith(p):
+            return p
+    return "other"
+
+
+def _kind_of_name(name: str) -> str | None:
+    if ".attn1" in name:
+        return "self"
+    if ".attn2" in name:
+        return "cross"
+    return None
+
+
+class AttentionStore:
+    """Running sums of attention probabilities per layer, filled by :class:`RecordingAttnProcessor`.
+
+    Parameters
+    ----------
+    kinds : which layers to record, a subset of ``("cross", "self")``.
+    rows : batch rows to keep: ``"all"``, ``"cond"`` (the second half of the batch: the
+        prompt rows of a classifier-free-guidance batch ``cat([uncond, cond])``, seed 000 eq
+        1.44), ``"uncond"`` (the first half), or a list of row indices.
+    store_steps : also keep each step's map, for layers with ``max(h, w) <= step_max_res``.
+    step_max_res : see ``store_steps``.
+    self_max_res : self-attention layers above this resolution are not recorded (a 64×64 layer
+        of Stable Diffusion would need 4096² floats per layer).
+
+    Memory: one ``(len(rows), h*w, M)`` tensor per recorded layer, whatever the number of steps
+    (plus ``steps × (len(rows), h*w, M)`` for the low-resolution layers when ``store_steps``).
+    A *step* is one call of the UNet's ``forward`` (one denoising step of a pipeline, which
+    batches the guided and unguided rows into one call). Use as a context manager or with
+    :meth:`attach` / :meth:`detach`.
+
+    Raises ``ValueError`` on unknown ``kinds``/``rows`` and ``TypeError`` if ``attach`` is given
+    something without ``attn_processors``.
+    """
+
+    def __init__(self, kinds: Sequence[str] = ("cross",), rows="all", store_steps: bool = False,
+                 step_max_res: int = 16, self_max_res: int = 32):
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        kinds = tuple(kinds)
+        if not kinds or any(k not in _KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {_KINDS}, got {kinds!r}")
+        if not (rows in ("all", "cond", "uncond") or (
+                isinstance(rows, (list, tuple)) and all(isinstance(r, int) for r in rows))):
+            raise ValueError(f"rows must be 'all', 'cond', 'uncond' or a list of ints, got {rows!r}")
+        for nm, v in (("step_max_res", step_max_res), ("self_max_res", self_max_res)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{nm} must be a positive int, got {v!r}")
+        self.kinds, self.rows = kinds, rows
+        self.store_steps, self.step_max_res, self.self_max_res = store_steps, step_max_res, \
+            self_max_res
+        self._unet = None
+        self._saved = None
+        self._hook = None
+        self.reset()
+
+    # -- lifecycle
+    def reset(self) -> None:
+        """Forget everything recorded (keeps the attachment)."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.step_maps: dict[str, dict[int, torch.Tensor]] = {}
+        self.info: dict[str, LayerInfo] = {}
+        self.step = -1            # index of the current UNet call; -1 before the first
+        self.timesteps: list = []  # the timestep of each UNet call
+        self._latent_hw: tuple[int, int] | None = None
+
+    def attach(self, unet) -> "AttentionStore":
+        """Install recording processors on ``unet``'s recorded layers (others are untouched)."""
+        if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
+            raise TypeError(f"unet must be a diffusers model with attention processors, got "
+                            f"{type(unet).__name__}")
+        if self._unet is not None:
+            raise RuntimeError("this AttentionStore is already attached; call detach() first")
+        saved = dict(unet.attn_processors)
+        new = {}
+        for key, proc in saved.items():
+            kind = _kind_of_name(key)
+            new[key] = (RecordingAttnProcessor(self, key[: -len(".processor")])
+                        if kind in self.kinds else proc)
+        unet.set_attn_processor(new)
+        self._saved, self._unet = saved, unet
+        self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        """Put the processors back as they were before :meth:`attach`."""
+        if self._unet is None:
+            return
+        self._unet.set_attn_processor(self._saved)
+        self._hook.remove()
+        self._unet = self._saved = self._hook = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
+
+    def _pre_forward(self, module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        self.step += 1
+        if isinstance(sample, torch.Tensor) and sample.ndim == 4:
+            self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if isinstance(t, torch.Tensor):
+            t = t.flatten()[0].item() if t.numel() else None
+        self.timesteps.append(t)
+
+    # -- recording (called by the processor)
+    def _grid(self, n_query: int) -> tuple[int, int]:
+        if self._latent_hw is not None:
+            H, W = self._latent_hw
+            f = math.sqrt(H * W / n_query)
+            if abs(f - round(f)) < 1e-9 and round(f) > 0:
+                f = round(f)
+                return math.ceil(H / f), math.ceil(W / f)
+        s = math.isqrt(n_query)
+        if s * s != n_query:
+            raise RuntimeError(f"cannot infer the query grid of {n_query} tokens; run the UNet "
+                               f"with the store attached so it sees the latent size")
+        return s, s
+
+    def _select_rows(self, p: torch.Tensor) -> torch.Tensor:
+        B = p.shape[0]
+        if self.rows == "all":
+            return p
+        if self.rows in ("cond", "uncond"):
+            if B % 2:
+                raise ValueError(f"rows={self.rows!r} needs an even batch [uncond, cond], got "
+                                 f"batch size {B}")
+            return p[B // 2:] if self.rows == "cond" else p[: B // 2]
+        return p[list(self.rows)]
+
+    def _record(self, name: str, attn, probs: torch.Tensor, is_cross: bool) -> None:
+        kind = "cross" if is_cross else "self"
+        if kind not in self.kinds:
+            return
+        heads = attn.heads
+        bh, n_q, n_k = probs.shape
+        if name not in self.info:
+            h, w = self._grid(n_q)
+            self.info[name] = LayerInfo(name, kind, _place(name), h, w, heads, n_k,
+                                        len(self.info))
+        info = self.info[name]
+        if kind == "self" and info.res > self.self_max_res:
+            return
+        with torch.no_grad():
+            p = probs.detach().reshape(bh // heads, heads, n_q, n_k)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            p = self._select_rows(p.to(acc).mean(1))                     # mean over heads
+            if name in self.sums:
+                self.sums[name] += p                                     # running sum
+                self.counts[name] += 1
+            else:
+                self.sums[name] = p.clone()
+                self.counts[name] = 1
+            if self.store_steps and info.res <= self.step_max_res:
+                self.step_maps.setdefault(name, {})[max(self.step, 0)] = p.clone()
+
+    # -- reading
+    @property
+    def num_steps(self) -> int:
+        """Number of UNet calls seen since the last :meth:`reset`."""
+        return self.step + 1
+
+    def layers(self, kind: str | None = None, res: int | None = None,
+               place: str | None = None) -> list[LayerInfo]:
+        """The recorded layers (forward order), filtered by ``kind``, ``res`` and ``place``."""
+        out = [i for i in sorted(self.info.values(), key=lambda i: i.order) if i.name in self.sums]
+        if kind is not None:
+            out = [i for i in out if i.kind == kind]
+        if res is not None:
+            out = [i for i in out if i.res == res]
+        if place is not None:
+            out = [i for i in out if i.place == place]
+        return out
+
+    def resolutions(self, kind: str = "cross") -> list[int]:
+        """The distinct layer resolutions recorded for ``kind``, largest first."""
+        return sorted({i.res for i in self.layers(kind)}, reverse=True)
+
+    def nbytes(self) -> int:
+        """Bytes held by the store's tensors (running sums and any per-step maps)."""
+        n = sum(t.numel() * t.element_size() for t in self.sums.values())
+        n += sum(t.numel() * t.element_size() for d in self.step_maps.values()
+                 for t in d.values())
+        return n
+
+    def stored_steps(self, name: str | None = None) -> list[int]:
+        """Step indices with per-step maps (for layer ``name``, or any layer)."""
+        if name is not None:
+            return sorted(self.step_maps.get(name, {}))
+        return sorted({s for d in self.step_maps.values() for s in d})
+
+    def layer_map(self, name: str, steps=None) -> torch.Tensor:
+        """One layer's map ``(B, h, w, M)`` averaged over all steps (running sum / count), or
+        over ``steps`` (a ``(start, stop)`` range or a list of step indices; needs per-step
+        storage). Raises ``KeyError`` for an unknown layer, ``ValueError`` for steps not stored."""
+        if name not in self.sums:
+            raise KeyError(f"name must be a recorded layer, got {name!r}; recorded: "
+                           f"{[i.name for i in self.layers()]}")
+        info = self.info[name]
+        if steps is None:
+            m = self.sums[name] / self.counts[name]                     # online mean
+        else:
+            wanted = _step_list(steps, self.num_steps)
+            have = self.step_maps.get(name, {})
+            missing = [s for s in wanted if s not in have]
+            if missing:
+                raise ValueError(
+                    f"steps {missing[:5]} of layer {name!r} were not stored; record with "
+                    f"AttentionStore(store_steps=True, step_max_res>={info.res})")
+            m = torch.stack([have[s] for s in wanted]).mean(0)
+        return m.reshape(m.shape[0], info.height, info.width, m.shape[-1])
+
+    def maps(self, kind: str = "cross", res: int | None = None, steps=None,
+             place: str | None = None, layers: Iterable[str] | None = None,
+             size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """Attention maps averaged over steps and layers: ``(B, h, w, M)``.
+
+        Layers: those of ``kind`` at resolution ``res`` (e.g. 16) and ``place`` ("down"/"mid"/
+        "up"), or the names in ``layers``. Layers of different resolutions are upsampled
+        bilinearly to ``size`` (default: the largest) before averaging (cross-attention only;
+        self-attention maps of different resolutions have different keys, so pick one ``res``).
+        Steps: all (running sums), or ``steps`` = ``(start, stop)`` / list of step indices.
+        Raises ``ValueError`` when nothing matches.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        if layers is not None:
+            names = list(layers)
+            bad = [n for n in names if n not in self.sums]
+            if bad:
+                raise ValueError(f"layers {bad} were not recorded; recorded: "
+                                 f"{[i.name for i in self.layers()]}")
+            infos = [self.info[n] for n in names]
+        else:
+            infos = self.layers(kind, res, place)
+        if not infos:
+            raise ValueError(f"no recorded {kind}-attention layer matches res={res!r}, "
+                             f"place={place!r}; recorded resolutions: {self.resolutions(kind)} "
+                             f"(did the UNet run with the store attached?)")
+        hw = {(i.height, i.width) for i in infos}
+        if size is None:
+            size = max(hw, key=lambda s: s[0] * s[1])
+        elif isinstance(size, int):
+            size = (size, size)
+        if kind == "self" and (len(hw) > 1 or (next(iter(hw)) != tuple(size))):
+            raise ValueError(f"self-attention maps cannot be averaged across resolutions or "
+                             f"resized; pick one res (recorded: {self.resolutions('self')})")
+        acc = None
+        for i in infos:
+            m = self.layer_map(i.name, steps)
+            if (i.height, i.width) != tuple(size):
+                m = upsample(m.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1)
+            acc = m if acc is None else acc + m
+        return acc / len(infos)
+
+    def word_map(self, word: str, prompt: str, tokenizer, row: int = 0, res: int | None = None,
+                 steps=None, place: str | None = None, size=None) -> torch.Tensor:
+        """The cross-attention map ``(h, w)`` of ``word`` in ``prompt``: :meth:`maps` at batch
+        row ``row``, averaged over the word's tokens (:func:`word_token_indices`)."""
+        idx = word_token_indices(prompt, word, tokenizer)
+        m = self.maps("cross", res=res, steps=steps, place=place, size=size)
+        if not 0 <= row < m.shape[0]:
+            raise ValueError(f"row must lie in [0, {m.shape[0] - 1}], got {row}")
+        return m[row][..., idx].mean(-1)
+
+
+def _step_list(steps, num_steps: int) -> list[int]:
+    if isinstance(steps, tuple) and len(steps) == 2 and all(
+            isinstance(s, (int, type(None))) for s in steps):
+        out = list(range(num_steps))[slice(*steps)]
+    elif isinstance(steps, range):
+        out = list(steps)
+    else:
+        try:
+            out = [int(s) for s in steps]
+        except TypeError:
+            raise TypeError(f"steps must be a (start, stop) tuple, a range or a list of ints, "
+                            f"got {type(steps).__name__}") from None
+    if not out:
+        raise ValueError(f"steps {steps!r} selects no step (the store saw {num_steps} steps)")
+    return out
+
+
+# ---------------------------------------------------------------------------- words and tokens
+_PUNCT = string.punctuation + "“”‘’"
+
+
+def prompt_words(prompt: str) -> list[str]:
+    """The prompt's words: whitespace-separated, lower-cased, surrounding punctuation removed."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    return [w for w in (c.strip(_PUNCT).lower() for c in prompt.split()) if w]
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special, truncation=False,
+                          verbose=False)["input_ids"])
+
+
+def _max_length(tokenizer) -> int:
+    L = getattr(tokenizer, "model_max_length", None)
+    return int(L) if L is not None and L < 10**6 else 10**6
+
+
+def tokenize_prompt(prompt: str, tokenizer, max_length: int | None = None) -> dict:
+    """Tokenize like a diffusers pipeline: start/end tokens, padded to ``max_length``
+    (default ``tokenizer.model_max_length``, 77 for CLIP), truncated with a warning.
+
+    Returns ``{"input_ids": (1, L) long tensor, "tokens": list of L strings, "length": number
+    of non-padding tokens incl. start/end, "truncated": the removed text or ""}``.
+    Warns (``UserWarning``) when the prompt is longer than ``max_length``, as diffusers does.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    L = max_length or _max_length(tokenizer)
+    full = _ids(tokenizer, prompt, True)
+    enc = tokenizer(prompt, padding="max_length", max_length=L, truncation=True,
+                    return_tensors="pt")
+    ids = enc["input_ids"]
+    truncated = ""
+    if len(full) > L:
+        n_special = len(_ids(tokenizer, "", True))
+        kept = L - n_special
+        content = _ids(tokenizer, prompt, False)
+        truncated = tokenizer.decode(content[kept:])
+        warnings.warn(f"The following part of your input was truncated because the text encoder "
+                      f"can only handle sequences up to {L} tokens: {truncated!r}", UserWarning,
+                      stacklevel=2)
+    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    return {"input_ids": ids, "tokens": tokens, "length": min(len(full), L),
+            "truncated": truncated}
+
+
+def _chunk_core(chunk: str) -> tuple[str, str, str]:
+    core = chunk.strip(_PUNCT)
+    if not core:
+        return chunk, "", ""
+    i = chunk.find(core)
+    return chunk[:i], core, chunk[i + len(core):]
+
+
+def word_token_indices(prompt: str, word: str, tokenizer, occurrence: int | None = None,
+                       max_length: int | None = None) -> list[int]:
+    """Positions of ``word``'s tokens in the tokenized ``prompt`` (start token = position 0).
+
+    Works for CLIP's BPE tokenizer (a word may become several tokens: all are returned) and for
+    word-level tokenizers. ``word`` may be several words ("red circle"); matching ignores case
+    and surrounding punctuation. Every occurrence is returned unless ``occurrence`` (0-based)
+    picks one.
+
+    Raises ``ValueError`` naming the word and listing the prompt's words when the word is not in
+    the prompt, or when it falls in the part removed by truncation to ``max_length``.
+    """
+    if not isinstance(word, str) or not word.strip():
+        raise ValueError(f"word must be a non-empty str, got {word!r}")
+    target = prompt_words(word)
+    words = prompt_words(prompt)
+    chunks = prompt.split()
+    # tokenize chunk by chunk and record the span of each chunk's core (word without punctuation)
+    spans, ids = [], []
+    for c in chunks:
+        pre, core, post = _chunk_core(c)
+        a, b, d = (_ids(tokenizer, s, False) if s else [] for s in (pre, core, post))
+        whole = _ids(tokenizer, c, False)
+        if a + b + d != whole:                 # tokenizer merges across punctuation: take all
+            a, b, d = [], whole, []
+        if core.strip(_PUNCT):
+            spans.append((core.lower(), len(ids) + len(a), len(ids) + len(a) + len(b)))
+        ids += whole
+    full = _ids(tokenizer, prompt, True)
+    offset = _find_sub(full, ids)
+    if offset is None:
+        raise RuntimeError("the tokenizer does not tokenize this prompt word by word; cannot map "
+                           "words to tokens")
+    matches = [k for k in range(len(spans) - len(target) + 1)
+               if [s[0] for s in spans[k:k + len(target)]] == target]
+    if not matches:
+        raise ValueError(f"word {word!r} is not in the prompt {prompt!r}; the prompt's words "
+                         f"are {words}")
+    if occurrence is not None:
+        if not 0 <= occurrence < len(matches):
+            raise ValueError(f"occurrence must lie in [0, {len(matches) - 1}] for word {word!r}, "
+                             f"got {occurrence}")
+        matches = [matches[occurrence]]
+    L = max_length or _max_length(tokenizer)
+    n_prefix = offset
+    n_suffix = len(full) - offset - len(ids)
+    last_kept = L - n_suffix                   # positions >= this are cut by truncation
+    out = []
+    for k in matches:
+        for s in spans[k:k + len(target)]:
+            out += [offset + j for j in range(s[1], s[2])]
+    kept = [i for i in out if i < last_kept]
+    if not kept:
+        raise ValueError(f"word {word!r} lies beyond the {L}-token limit of the text encoder "
+                         f"(positions {out}), so truncation removed it")
+    del n_prefix
+    return kept
+
+
+def _find_sub(seq: list, sub: list) -> int | None:
+    if not sub:
+        return 1 if seq else None
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------------- images
+def upsample(maps: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear"
+             ) -> torch.Tensor:
+    """Resize maps ``(..., h, w)`` to ``(..., H, W)`` (bilinear, ``align_corners=False``)."""
+    if not isinstance(maps, torch.Tensor):
+        maps = torch.as_tensor(np.asarray(maps))
+    if maps.ndim < 2:
+        raise ValueError(f"maps must have at least 2 dimensions (..., h, w), got shape "
+                         f"{tuple(maps.shape)}")
+    if isinstance(size, int):
+        size = (size, size)
+    lead = maps.shape[:-2]
+    x = maps.reshape(-1, 1, *maps.shape[-2:])
+    if not x.dtype.is_floating_point:
+        x = x.float()
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    y = F.interpolate(x, size=tuple(size), mode=mode, **kw)
+    return y.reshape(*lead, *size)
+
+
+def normalize_map(m, eps: float = 1e-12):
+    """Min-max scale a map to [0, 1] (a constant map becomes zeros)."""
+    m = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m).double()
+    lo, hi = m.min(), m.max()
+    return (m - lo) / (hi - lo) if float(hi - lo) > eps else torch.zeros_like(m)
+
+
+def _image_array(image) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    if isinstance(image, torch.Tensor):
+        x = image.detach().double().cpu()
+        if x.ndim == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.ndim == 3 and x.shape[0] in (1, 3):
+            x = x.permute(1, 2, 0)
+        image = x.numpy()
+    arr = np.asarray(image, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be PIL, HWC/HW array or CHW tensor, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, -1)
+    return arr.clip(0, 1)
+
+
+def overlay(image, heatmap, alpha: float = 0.5, cmap: str = "jet", normalize: bool = True
+            ) -> np.ndarray:
+    """Blend a heatmap ``(h, w)`` (any size; upsampled bilinearly) over ``image``.
+
+    ``image``: PIL, HWC array in [0, 1] or CHW tensor in [0, 1]. Returns an HWC float array in
+    [0, 1]: ``(1 - alpha) * image + alpha * cmap(normalized heatmap)``.
+    """
+    import matplotlib
+
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    img = _image_array(image)
+    h = torch.as_tensor(np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor)
+                                   else heatmap), dtype=torch.float64)
+    if h.ndim != 2:
+        raise ValueError(f"heatmap must be 2-D (h, w), got shape {tuple(h.shape)}")
+    h = upsample(h, img.shape[:2])
+    h = normalize_map(h) if normalize else h.clamp(0, 1)
+    colors = matplotlib.colormaps[cmap](h.numpy())[..., :3]
+    return (1 - alpha) * img + alpha * colors
+
+
+# ---------------------------------------------------------------------------- pipelines
+def generate_with_attention(pipe, prompt: str, num_inference_steps: int = 20,
+                            guidance_scale: float = 7.5, generator=None,
+                            kinds: Sequence[str] = ("cross",), store_steps: bool = False,
+                            step_max_res: int = 16, **pipe_kwargs):
+    """Run a diffusers text-to-image pipeline once and record its attention.
+
+    Keeps only the prompt rows when the pipeline uses classifier-free guidance
+    (``guidance_scale > 1``, seed 000 eq 1.44). Returns ``(image, store)``: the first PIL image
+    and the :class:`AttentionStore` (detached from the UNet again).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    tokenize_prompt(prompt, pipe.tokenizer)          # warns if the prompt will be truncated
+    rows = "cond" if guidance_scale > 1 else "all"
+    store = AttentionStore(kinds=kinds, rows=rows, store_steps=store_steps,
+                           step_max_res=step_max_res)
+    store.attach(pipe.unet)
+    try:
+        out = pipe(prompt, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, generator=generator, **pipe_kwargs)
+    finally:
+        store.detach()
+    return out.images[0], store

@@ -1,0 +1,483 @@
+"""Guidance: steering a diffusion model towards a condition at sampling time.
+
+Seed 000 §1.4 (eqs 1.27–1.36 and eq 1.44 of §1.5); seed 001 §2 (the unified view, classifier
+guidance, classifier-free guidance, multi-condition guidance with per-channel dropout).
+
+All rules are written on ε-predictions. With ε = −√(1−ᾱ_t) ∇ log p_t (seed 003 L244), adding
+``scale · ∇ log p_t(y | x_t)`` to the score is subtracting ``scale · √(1−ᾱ_t) ∇ log p_t(y | x_t)``
+from ε:
+
+- :func:`classifier_guidance`: ε − s √(1−ᾱ_t) ∇ log p_φ(y | x_t)               (000 eq 1.30, corrected)
+- :func:`cfg`: ε_u + s (ε_c − ε_u)                                              (000 eq 1.44)
+- :func:`multi_cfg`: ε_u + Σ_k s_k (ε_k − ε_u)                                   (001 §2.4.3)
+
+**Two conventions for the guidance weight.** ``scale`` here is diffusers' ``guidance_scale``:
+``scale = 0`` is the unconditional model, ``scale = 1`` the conditional one. Ho & Salimans
+(and seed 000 eq 1.36) write (w + 1) ε_c − w ε_u, whose w is ``scale − 1``
+(:func:`scale_from_ho_salimans`, :func:`ho_salimans_from_scale`). Both describe the same
+target: the score of p_t(x) · p_t(y | x)^scale.
+
+Bad input (NaN or infinite scales, ε tensors of different shapes, a ``scales`` list whose length
+differs from ``eps_conds``) raises ``ValueError`` naming the argument.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .utils import check_finite, check_same_shape, check_tensor
+
+__all__ = [
+    "cfg", "classifier_guidance", "multi_cfg", "guided_eps_model", "classifier_grad",
+    "classifier_guided_eps_model", "scale_from_ho_salimans", "ho_salimans_from_scale",
+    "condition_dropout_mask", "drop_conditions", "uniform_drop_rate",
+    "mixture_cond_model", "product_mixture_cond_model", "tilted_log_density",
+    "histogram_density", "grid_density", "total_variation",
+]
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_scale(scale, name: str, like: torch.Tensor):
+    """A finite number, or a finite tensor that broadcasts against ``like``.
+
+    A 1-D tensor with one entry per batch row (length ``like.shape[0]``) is taken as a per-row
+    scale and reshaped to (B, 1, …, 1).
+    """
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype == torch.bool or scale.dtype.is_complex:
+            raise TypeError(f"{name} must be a real number or a real tensor, got dtype {scale.dtype}")
+        if not bool(torch.isfinite(scale).all()):
+            bad = scale[~torch.isfinite(scale)].flatten()[0].item()
+            raise ValueError(f"{name} must be finite, got a tensor containing {bad}")
+        if scale.ndim == 0:
+            return float(scale)
+        s = scale.to(dtype=like.dtype, device=like.device)
+        if s.ndim == 1 and like.ndim > 1 and s.shape[0] == like.shape[0]:
+            return s.reshape(-1, *([1] * (like.ndim - 1)))
+        try:
+            torch.broadcast_shapes(s.shape, like.shape)
+        except RuntimeError:
+            raise ValueError(f"{name} must be a number, a ({like.shape[0]},) tensor (one per "
+                             f"row) or broadcast against shape {tuple(like.shape)}, got shape "
+                             f"{tuple(s.shape)}") from None
+        return s
+    return check_finite(scale, name)
+
+
+def _check_eps_pair(a, b, name_a, name_b):
+    check_tensor(a, name_a)
+    check_tensor(b, name_b)
+    check_same_shape(a, b, name_a, name_b)
+
+
+# ----------------------------------------------------------------------------- conventions
+def scale_from_ho_salimans(w: float) -> float:
+    """diffusers' ``guidance_scale`` for Ho & Salimans' weight w: scale = w + 1.
+
+    Ho & Salimans (2022, eq 6) and seed 000 eq 1.36 write ε̃ = (w + 1) ε_c − w ε_u; eq 1.44 and
+    diffusers write ε_u + scale (ε_c − ε_u). Expanding the second, (scale) ε_c − (scale − 1) ε_u,
+    shows the two agree when scale = w + 1. So w = 0 (no guidance in Ho & Salimans' terms) is
+    the plain conditional model, scale 1.
+    """
+    return check_finite(w, "w") + 1.0
+
+
+def ho_salimans_from_scale(scale: float) -> float:
+    """Ho & Salimans' w for a diffusers ``guidance_scale``: w = scale − 1 (see above)."""
+    return check_finite(scale, "scale") - 1.0
+
+
+# ----------------------------------------------------------------------------- the rules
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
+    """Classifier-free guidance: ε_u + scale · (ε_c − ε_u) (seed 000, eq 1.44; 001 §2.3).
+
+    ``scale`` is diffusers' ``guidance_scale``: 0 gives ε_u, 1 gives ε_c, larger values
+    extrapolate past the conditional prediction. In Ho & Salimans' convention (seed 000,
+    eq 1.36: (w + 1) ε_c − w ε_u) the same rule has w = scale − 1.
+
+    Shapes: ``eps_uncond`` and ``eps_cond`` any identical shape (B, …); ``scale`` a number, a
+    (B,) tensor (one scale per row) or a tensor broadcasting against ε. Returns ε's shape.
+    Raises ``ValueError`` for different shapes or a non-finite scale, ``TypeError`` for
+    non-tensors.
+    """
+    _check_eps_pair(eps_uncond, eps_cond, "eps_uncond", "eps_cond")
+    s = _check_scale(scale, "scale", eps_uncond)
+    return eps_uncond + s * (eps_cond - eps_uncond)  # eq 1.44
+
+
+def classifier_guidance(eps: torch.Tensor, grad_log_prob: torch.Tensor, alpha_bar_t,
+                        scale) -> torch.Tensor:
+    """Classifier guidance: ε − scale · √(1−ᾱ_t) · ∇_x log p_φ(y | x_t) (seed 000, eq 1.30).
+
+    The seed prints the factor as √(1−λ) (and 1/√(1−σ̄_t) in eq 1.28); both mean √(1−ᾱ_t), as in
+    Dhariwal & Nichol's Algorithm 2 (see the errata). With ε = −√(1−ᾱ_t) ∇ log p_t(x), this is
+    the ε of the score ∇ log p_t(x) + scale · ∇ log p_t(y | x).
+
+    Shapes: ``eps`` and ``grad_log_prob`` identical (B, …); ``alpha_bar_t`` a number in (0, 1]
+    or a (B,) tensor (one per row); ``scale`` as in :func:`cfg`. Raises ``ValueError`` for
+    different shapes, ᾱ outside (0, 1] or a non-finite scale.
+    """
+    _check_eps_pair(eps, grad_log_prob, "eps", "grad_log_prob")
+    s = _check_scale(scale, "scale", eps)
+    if isinstance(alpha_bar_t, torch.Tensor) and alpha_bar_t.ndim > 0:
+        a = alpha_bar_t.to(dtype=eps.dtype, device=eps.device)
+        if not bool(((a > 0) & (a <= 1)).all()):
+            raise ValueError(f"alpha_bar_t must lie in (0, 1], got values in "
+                             f"[{float(a.min())}, {float(a.max())}]")
+        if a.ndim == 1 and eps.ndim > 1:
+            if a.shape[0] != eps.shape[0]:
+                raise ValueError(f"alpha_bar_t must be a number or hold one value per batch "
+                                 f"row ({eps.shape[0]}), got shape {tuple(a.shape)}")
+            a = a.reshape(-1, *([1] * (eps.ndim - 1)))
+        sigma = (1 - a).sqrt()
+    else:
+        a = check_finite(alpha_bar_t, "alpha_bar_t")
+        if not 0 < a <= 1:
+            raise ValueError(f"alpha_bar_t must lie in (0, 1], got {a}")
+        sigma = math.sqrt(1 - a)
+    return eps - s * sigma * grad_log_prob  # eq 1.30
+
+
+def multi_cfg(eps_uncond: torch.Tensor, eps_conds: Sequence[torch.Tensor],
+              scales: Sequence) -> torch.Tensor:
+    """Multi-condition guidance: ε_u + Σ_k scales[k] · (ε_k − ε_u) (seed 001, §2.4.3).
+
+    Each ε_k is the model with condition k switched on and every other channel null. Weights
+    may be negative: a negative weight pushes away from condition k (a "negative prompt" in the
+    composable-diffusion sense of Liu et al. 2022). The seed writes the negative channels with
+    an explicit minus *and* says they "use negative weights"; here there is one weight per
+    condition and its sign says which (see the errata).
+
+    With one condition this is :func:`cfg`. Shapes: every tensor identical (B, …);
+    ``scales`` a sequence of numbers (or per-row tensors) with ``len(eps_conds)`` entries.
+    Raises ``ValueError`` if the lengths differ, shapes differ or a scale is not finite.
+    """
+    check_tensor(eps_uncond, "eps_uncond")
+    if isinstance(eps_conds, torch.Tensor):
+        if eps_conds.ndim != eps_uncond.ndim + 1:
+            raise ValueError(f"eps_conds must be a list of tensors or a stacked tensor of shape "
+                             f"(K, {', '.join(map(str, eps_uncond.shape))}), got shape "
+                             f"{tuple(eps_conds.shape)}")
+        eps_conds = list(eps_conds)
+    if not isinstance(eps_conds, (list, tuple)):
+        raise TypeError(f"eps_conds must be a list or tuple of tensors, got "
+                        f"{type(eps_conds).__name__}")
+    if isinstance(scales, torch.Tensor):
+        scales = list(scales) if scales.ndim > 0 else [scales]
+    if not isinstance(scales, (list, tuple)):
+        raise TypeError(f"scales must be a list or tuple with one weight per condition, got "
+                        f"{type(scales).__name__}")
+    if len(scales) != len(eps_conds):
+        raise ValueError(f"scales must have one weight per entry of eps_conds "
+                         f"({len(eps_conds)}), got {len(scales)}")
+    out = eps_uncond.clone()
+    for k, (e, w) in enumerate(zip(eps_conds, scales)):
+        _check_eps_pair(eps_uncond, e, "eps_uncond", f"eps_conds[{k}]")
+        w = _check_scale(w, f"scales[{k}]", eps_uncond)
+        out = out + w * (e - eps_uncond)  # 001 §2.4.3: ε_u + Σ w_k d_k
+    return out
+
+
+# ----------------------------------------------------------------------------- batched models
+def _expand_cond(c, B: int, name: str, device) -> Any:
+    """One condition as a batch of B rows: an int/float → (B,), a 0-d tensor → (B,), a tensor
+    with first dimension 1 → expanded to B, a tensor with first dimension B → unchanged."""
+    if isinstance(c, bool):
+        raise TypeError(f"{name} must be a number or a tensor, got bool")
+    if isinstance(c, int):
+        return torch.full((B,), c, dtype=torch.long, device=device)
+    if isinstance(c, float):
+        return torch.full((B,), c, dtype=torch.float32, device=device)
+    if isinstance(c, torch.Tensor):
+        c = c.to(device)
+        if c.ndim == 0:
+            return c.reshape(1).expand(B)
+        if c.shape[0] == B:
+            return c
+        if c.shape[0] == 1:
+            return c.expand(B, *c.shape[1:])
+        raise ValueError(f"{name} must have batch size 1 or {B} (the batch of x), got shape "
+                         f"{tuple(c.shape)}")
+    raise TypeError(f"{name} must be an int, a float or a tensor (use cat_conds for other "
+                    f"kinds of condition), got {type(c).__name__}")
+
+
+def guided_eps_model(model: Callable, cond, null, scale=1.0, *,
+                     cat_conds: Callable | None = None) -> Callable:
+    """Wrap a conditional ``model(x, t, cond)`` into a guided ``eps_model(x, t)``.
+
+    Every step runs the unconditional and the conditional passes as **one** batched forward
+    call: x, t and the conditions are concatenated along the batch, ``model`` is called once,
+    and the output is split and combined with :func:`cfg` (one condition) or :func:`multi_cfg`
+    (a list of conditions). ``model`` must accept a batch whose rows carry different
+    conditions: for the digits UNet, class labels including ``NULL_CLASS``; for the analytic
+    mixture (:func:`mixture_cond_model`), per-row labels with −1 for "none".
+
+    Args:
+        model: ``model(x, t, cond) -> eps`` with x (B, …), t a (B,) long tensor, cond a batch.
+        cond: one condition, or a list/tuple of conditions (multi-condition guidance; then
+            ``scale`` is a list of the same length). A condition is an int (the same label for
+            every row), a 0-d tensor, or a tensor with batch size 1 or B.
+        null: the unconditional ("dropped") condition, in the same form.
+        scale: diffusers' guidance scale(s); may be negative in the multi-condition case.
+        cat_conds: how to concatenate a list of condition batches (default ``torch.cat``).
+    Returns ``eps_model(x, t)``. Raises at construction for a non-finite scale or mismatched
+    lengths, and at call time for a condition whose batch size is neither 1 nor B.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t, cond), got {type(model).__name__}")
+    multi = isinstance(cond, (list, tuple))
+    conds = list(cond) if multi else [cond]
+    if multi:
+        if not isinstance(scale, (list, tuple)):
+            raise TypeError(f"scale must be a list with one weight per condition when cond is "
+                            f"a list, got {type(scale).__name__}")
+        if len(scale) != len(conds):
+            raise ValueError(f"scale must have one weight per condition ({len(conds)}), got "
+                             f"{len(scale)}")
+        if not conds:
+            raise ValueError("cond must not be an empty list")
+        scales = list(scale)
+    else:
+        scales = [scale]
+    for k, s in enumerate(scales):
+        if not isinstance(s, torch.Tensor):
+            check_finite(s, f"scale[{k}]" if multi else "scale")
+        elif not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{'scale[%d]' % k if multi else 'scale'} must be finite, got a "
+                             f"tensor containing non-finite values")
+    cat = cat_conds or (lambda cs: torch.cat(cs, dim=0))
+    n = len(conds) + 1
+
+    def eps_model(x: torch.Tensor, t) -> torch.Tensor:
+        check_tensor(x, "x")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or t.ndim == 0:
+            t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+        batch_conds = [_expand_cond(null, B, "null", x.device)] + \
+            [_expand_cond(c, B, f"cond[{k}]" if multi else "cond", x.device)
+             for k, c in enumerate(conds)]
+        out = model(torch.cat([x] * n, dim=0), torch.cat([t] * n, dim=0), cat(batch_conds))
+        if out.shape[0] != n * B:
+            raise ValueError(f"model returned batch size {out.shape[0]}, expected {n * B} "
+                             f"({n} passes of {B} rows)")
+        parts = list(out.chunk(n, dim=0))
+        if multi:
+            return multi_cfg(parts[0], parts[1:], scales)
+        return cfg(parts[0], parts[1], scales[0])
+
+    return eps_model
+
+
+# ----------------------------------------------------------------------------- classifiers
+def classifier_grad(classifier: Callable, x: torch.Tensor, t, y) -> torch.Tensor:
+    """∇_x log p_φ(y | x_t, t) by backpropagation: ``classifier(x, t) -> logits`` (B, C).
+
+    ``y`` is an int or a (B,) long tensor. Returns a tensor of x's shape. Works under
+    ``torch.no_grad()`` (it enables gradients locally). Raises ``ValueError`` if the logits are
+    not (B, C) or y is out of range.
+    """
+    check_tensor(x, "x")
+    B = x.shape[0]
+    y = _expand_cond(y, B, "y", x.device) if not isinstance(y, torch.Tensor) or y.ndim == 0 \
+        else y.to(x.device)
+    if not isinstance(t, torch.Tensor) or t.ndim == 0:
+        t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = classifier(xg, t)
+        if logits.ndim != 2 or logits.shape[0] != B:
+            raise ValueError(f"classifier(x, t) must return logits of shape ({B}, C), got "
+                             f"{tuple(logits.shape)}")
+        if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"y must be a class index in [0, {logits.shape[1] - 1}], got "
+                             f"{y.tolist()}")
+        logp = torch.log_softmax(logits.float() if logits.dtype == torch.float16 else logits,
+                                 dim=1).gather(1, y.long().reshape(-1, 1)).sum()
+        (g,) = torch.autograd.grad(logp, xg)
+    return g.to(x.dtype)
+
+
+def classifier_guided_eps_model(eps_model: Callable, classifier: Callable | None, y,
+                                alphas_cumprod: torch.Tensor, scale, *,
+                                grad_fn: Callable | None = None) -> Callable:
+    """An ``eps_model(x, t)`` with classifier guidance (seed 000, eq 1.30; Dhariwal & Nichol).
+
+    ``eps_model`` is the unguided model (usually unconditional). The gradient comes from
+    :func:`classifier_grad` on ``classifier(x, t)``, or from ``grad_fn(x, t, y)`` if given
+    (e.g. the analytic mixture's exact ``grad_log_class_posterior``).
+    """
+    if classifier is None and grad_fn is None:
+        raise ValueError("classifier and grad_fn cannot both be None")
+    check_tensor(alphas_cumprod, "alphas_cumprod", ndim=1)
+    check_finite(scale, "scale") if not isinstance(scale, torch.Tensor) else None
+    grad = grad_fn or (lambda x, t, y_: classifier_grad(classifier, x, t, y_))
+
+    def guided(x, t):
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or t.ndim == 0:
+            t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+        e = eps_model(x, t)
+        g = grad(x, t, y).to(e.dtype)
+        a = alphas_cumprod.to(x.device)[t].to(e.dtype)
+        return classifier_guidance(e, g, a, scale)
+
+    return guided
+
+
+# ----------------------------------------------------------------------------- condition dropout
+def uniform_drop_rate(u: float, K: int) -> float:
+    """The per-channel drop rate q that makes all K channels drop together with rate u:
+    q^K = u, so q = u^{1/K} (seed 001, §2.4.2)."""
+    u = check_finite(u, "u")
+    if not 0 <= u <= 1:
+        raise ValueError(f"u must lie in [0, 1], got {u}")
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be a positive int, got {K!r}")
+    return u ** (1.0 / K)
+
+
+def condition_dropout_mask(batch_size: int, drop_probs: Sequence[float],
+                           generator: torch.Generator | None = None,
+                           available: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel keep masks m_k ~ Bernoulli(1 − q_k), independent across channels and rows
+    (seed 001, §2.4.2). Returns a (B, K) bool tensor, True = keep the condition.
+
+    ``available`` (optional, (B, K) or (K,) bool): a channel that is unavailable for a row is
+    always dropped. Raises ``ValueError`` for a rate outside [0, 1] or a bad ``available``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+    if isinstance(drop_probs, (int, float)):
+        drop_probs = [drop_probs]
+    q = [check_finite(v, f"drop_probs[{k}]") for k, v in enumerate(drop_probs)]
+    for k, v in enumerate(q):
+        if not 0 <= v <= 1:
+            raise ValueError(f"drop_probs[{k}] must lie in [0, 1], got {v}")
+    if not q:
+        raise ValueError("drop_probs must list one rate per channel")
+    q_t = torch.tensor(q, dtype=torch.float64)
+    u = torch.rand(batch_size, len(q), generator=generator, dtype=torch.float64)
+    keep = u >= q_t                      # P(keep) = 1 − q_k
+    if available is not None:
+        available = torch.as_tensor(available, dtype=torch.bool)
+        try:
+            keep = keep & available.expand_as(keep)
+        except RuntimeError:
+            raise ValueError(f"available must have shape ({len(q)},) or ({batch_size}, "
+                             f"{len(q)}), got {tuple(available.shape)}") from None
+    return keep
+
+
+def drop_conditions(conds: Sequence[torch.Tensor], nulls: Sequence, drop_probs: Sequence[float],
+                    generator: torch.Generator | None = None,
+                    available: torch.Tensor | None = None):
+    """Replace each channel's condition by its own null, row by row, with rates ``drop_probs``
+    (seed 001, §2.4.2: c̃_k = c_k if m_k = 1 and the channel is available, else ∅_k).
+
+    Args: ``conds`` K tensors of batch B (labels (B,) or embeddings (B, …)); ``nulls`` K null
+    conditions (a number or a tensor broadcasting against one row of the condition). Returns
+    ``(new_conds, keep)`` with ``keep`` the (B, K) mask.
+    """
+    if len(conds) != len(nulls) or len(conds) != len(drop_probs):
+        raise ValueError(f"conds, nulls and drop_probs must have the same length, got "
+                         f"{len(conds)}, {len(nulls)} and {len(drop_probs)}")
+    if not conds:
+        raise ValueError("conds must not be empty")
+    B = check_tensor(conds[0], "conds[0]").shape[0]
+    keep = condition_dropout_mask(B, drop_probs, generator, available)
+    out = []
+    for k, (c, n) in enumerate(zip(conds, nulls)):
+        check_tensor(c, f"conds[{k}]")
+        if c.shape[0] != B:
+            raise ValueError(f"conds[{k}] must have batch size {B}, got shape {tuple(c.shape)}")
+        m = keep[:, k].to(c.device).reshape(-1, *([1] * (c.ndim - 1)))
+        out.append(torch.where(m, c, torch.as_tensor(n, dtype=c.dtype, device=c.device)))
+    return out, keep
+
+
+# ----------------------------------------------------------------------------- exact models
+def mixture_cond_model(gmm, null: int = -1) -> Callable:
+    """The analytic mixture as ``model(x, t, y)`` with per-row labels; ``y == null`` rows get
+    the unconditional ε. Exact (float64): the reference for every guidance rule."""
+    def model(x, t, y):
+        y = torch.as_tensor(y, dtype=torch.long)
+        if y.ndim == 0:
+            y = y.expand(x.shape[0])
+        if not isinstance(t, float) and (not isinstance(t, torch.Tensor) or t.ndim == 0):
+            t = torch.full((x.shape[0],), int(t), dtype=torch.long)  # a float t is ᾱ itself
+        out = gmm.eps(x, t)
+        is_c = y != null
+        if bool(is_c.any()):
+            t_c = t if isinstance(t, float) else t[is_c]
+            out[is_c] = gmm.eps(x[is_c], t_c, y[is_c])
+        return out.to(x.dtype)
+    return model
+
+
+def product_mixture_cond_model(gmms: Sequence, null: int = -1) -> Callable:
+    """A factorised model: x = (x^(1), …, x^(K)) with independent blocks, block k drawn from the
+    mixture ``gmms[k]`` whose label is channel k. ``model(x, t, c)`` takes c of shape (B, K),
+    ``null`` meaning "channel off". Because the blocks and their noise are independent, the
+    channels are conditionally independent given x_t, and multi-condition guidance is exact
+    (seed 001 §2.4.3's assumption holds)."""
+    dims = [g.D for g in gmms]
+    models = [mixture_cond_model(g, null) for g in gmms]
+
+    def model(x, t, c):
+        c = torch.as_tensor(c, dtype=torch.long)
+        if c.ndim != 2 or c.shape[1] != len(gmms):
+            raise ValueError(f"c must have shape (B, {len(gmms)}), got {tuple(c.shape)}")
+        blocks = x.split(dims, dim=1)
+        return torch.cat([m(b, t, c[:, k]) for k, (m, b) in enumerate(zip(models, blocks))], 1)
+    return model
+
+
+# ----------------------------------------------------------------------------- tilted densities
+def tilted_log_density(gmm, x: torch.Tensor, y: int, scale: float) -> torch.Tensor:
+    """log p_0(x) + scale · log p_0(y | x), unnormalised: the "tilted" distribution that
+    guidance with this scale is often said to sample. Equals scale · log p(x | y) +
+    (1 − scale) · log p(x) up to a constant."""
+    scale = check_finite(scale, "scale")
+    logp = gmm.log_prob(x, 1.0)
+    return logp + scale * torch.log(gmm.class_posterior(x, 1.0)[:, y])
+
+
+def _edges(box, bins):
+    (x0, x1), (y0, y1) = box
+    return (torch.linspace(x0, x1, bins + 1, dtype=torch.float64),
+            torch.linspace(y0, y1, bins + 1, dtype=torch.float64))
+
+
+def histogram_density(samples: torch.Tensor, box, bins: int) -> torch.Tensor:
+    """The fraction of 2-D ``samples`` in each of bins × bins cells of ``box`` ((x0, x1), (y0,
+    y1)); samples outside the box are counted in no cell (so the total may be < 1)."""
+    check_tensor(samples, "samples", ndim=2)
+    if samples.shape[1] != 2:
+        raise ValueError(f"samples must have shape (N, 2), got {tuple(samples.shape)}")
+    ex, ey = _edges(box, bins)
+    h, _ = torch.histogramdd(samples.double(), bins=[ex, ey])
+    return h / samples.shape[0]
+
+
+def grid_density(log_density: Callable, box, bins: int, sub: int = 4) -> torch.Tensor:
+    """The probability of each of bins × bins cells of ``box`` under exp(log_density),
+    normalised over the box, by a midpoint rule with sub × sub points per cell."""
+    ex, ey = _edges(box, bins)
+    n = bins * sub
+    hx, hy = (ex[-1] - ex[0]) / n, (ey[-1] - ey[0]) / n
+    gx = ex[0] + hx * (torch.arange(n, dtype=torch.float64) + 0.5)
+    gy = ey[0] + hy * (torch.arange(n, dtype=torch.float64) + 0.5)
+    X, Y = torch.meshgrid(gx, gy, indexing="ij")
+    lp = log_density(torch.stack([X.flatten(), Y.flatten()], 1)).reshape(n, n)
+    p = torch.exp(lp - lp.max())
+    p = p.reshape(bins, sub, bins, sub).sum((1, 3))
+    return p / p.sum()
+
+
+def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
+    """½ Σ |p − q| between two discrete distributions of the same shape."""
+    check_same_shape(p, q, "p", "q")
+    return 0.5 * float((p - q).abs().sum())

@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test runs offline: no model hub is ever contacted."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffnotes.schedules import alphas_cumprod, make_betas  # noqa: E402
+
+
+@pytest.fixture
+def linear_schedule():
+    """DDPM's linear schedule, T = 1000, float64: (betas, alphas_cumprod)."""
+    b = make_betas("linear")
+    return b, alphas_cumprod(b)
+
+
+@pytest.fixture
+def nonlinear_eps():
+    """A smooth nonlinear stand-in for a network (float64): ε(x, t) = ½ W₂ tanh(W₁x + 0.01 t) + sin x.
+
+    Works on (B, D) inputs with D = 6.
+    """
+    g = torch.Generator().manual_seed(1)
+    W1 = torch.randn(6, 6, generator=g, dtype=torch.float64) / 6 ** 0.5
+    W2 = torch.randn(6, 6, generator=g, dtype=torch.float64) / 6 ** 0.5
+
+    def eps(x, t):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        flat = x.reshape(x.shape[0], -1)
+        h = torch.tanh(flat @ W1.T + 0.01 * t.reshape(-1, 1))
+        return (0.5 * h @ W2.T).reshape(x.shape) + torch.sin(x)
+
+    return eps

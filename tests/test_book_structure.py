@@ -1,0 +1,71 @@
+"""The book's promises: chapters are committed without outputs, and the table of contents and
+the chapters folder agree in both directions."""
+import json
+import pathlib
+import re
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT / "chapters").glob("**/*.ipynb")
+                   if ".ipynb_checkpoints" not in p.parts)
+
+
+def _toc_files():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                files.append(node["file"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(toc.get("parts", toc.get("chapters", [])))
+    return files
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no notebooks under chapters/"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_committed_without_outputs(nb):
+    data = json.loads(nb.read_text())
+    for i, cell in enumerate(data["cells"]):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{nb.name}: cell {i} has outputs; strip them"
+            assert cell.get("execution_count") is None, f"{nb.name}: cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebook_shape(nb):
+    """One title; the Colab install cell first; exercises at the end."""
+    data = json.loads(nb.read_text())
+    md = "\n".join("".join(c["source"]) for c in data["cells"] if c["cell_type"] == "markdown")
+    assert len(re.findall(r"^# ", md, flags=re.M)) == 1, f"{nb.name}: needs exactly one '# ' title"
+    code = [("".join(c["source"])) for c in data["cells"] if c["cell_type"] == "code"]
+    assert "google.colab" in code[0], f"{nb.name}: the first code cell must be the Colab install cell"
+    assert re.search(r"^#+ .*Exercises", md, flags=re.M), f"{nb.name}: no Exercises section"
+
+
+def test_every_notebook_is_in_the_toc_and_every_entry_exists():
+    listed = {re.sub(r"\.(ipynb|md)$", "", f) for f in _toc_files()}
+    for nb in NOTEBOOKS:
+        stem = str(nb.relative_to(ROOT).with_suffix(""))
+        assert stem in listed, f"{stem} is not in _toc.yml"
+    for f in listed:
+        assert any((ROOT / (f + ext)).exists() for ext in (".ipynb", ".md")), \
+            f"_toc.yml lists {f}, which does not exist"
+
+
+def test_launch_buttons_and_execution_are_configured():
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert cfg["execute"]["execute_notebooks"] == "force"
+    assert cfg["execute"]["allow_errors"] is False
+    assert cfg["launch_buttons"]["colab_url"].startswith("https://colab.research.google.com")
+    assert cfg["repository"]["url"] and cfg["repository"]["branch"]
