@@ -10,6 +10,15 @@ from diffnotes.ddpm import q_sample
 from diffnotes.models import digits as D
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: extra intra-op threads only add overhead (and spin on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def unet():
     return D.load_unet()
@@ -82,7 +91,7 @@ def test_heldout_eps_loss_far_below_predicting_zero(unet):
     loss = torch.mean((noise - eps) ** 2).item()
     zero_loss = torch.mean(noise ** 2).item()        # the loss of ε̂ = 0, ≈ 1
     assert 0.95 < zero_loss < 1.05
-    assert loss < 0.25 * zero_loss, f"held-out eps loss {loss:.3f} vs zero predictor {zero_loss:.3f}"
+    assert loss < 0.1 * zero_loss, f"held-out eps loss {loss:.3f} vs zero predictor {zero_loss:.3f}"
     # the label helps: the conditional model predicts ε at least as well as the null class
     with torch.no_grad():
         eps_u = D.digits_eps_model(unet, None)(x_t, t)
@@ -150,7 +159,7 @@ def test_eps_model_rejects_bad_batch_x_and_t(unet):
     with pytest.raises(ValueError, match=r"\by\b"):
         D.digits_eps_model(unet, torch.tensor([1, 2, 3]))(x, 10)   # 3 labels, 2 rows
     with pytest.raises(ValueError, match=r"\bx\b"):
-        D.digits_eps_model(unet, 1)(torch.zeros(2, 1, 8, 9), 10)
+        D.digits_eps_model(unet, 1)(torch.zeros(2, 1, D.IMAGE_SIZE, D.IMAGE_SIZE + 1), 10)
     with pytest.raises(ValueError, match=r"\bt\b"):
         D.digits_eps_model(unet, 1)(x, 1000)
     with pytest.raises(ValueError, match=r"\by\b"):
@@ -178,6 +187,17 @@ def test_classifier_input_gradient_flows_and_bad_input_raises(clf):
     logp[torch.arange(3), y[:3]].sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"\bx\b"):
-        clf(torch.zeros(2, 1, 8, 8), 0)
+        clf(torch.zeros(2, 1, D.IMAGE_SIZE + 1, D.IMAGE_SIZE), 0)
     with pytest.raises(ValueError, match=r"\bt\b"):
         clf(torch.zeros(2, 1, D.IMAGE_SIZE, D.IMAGE_SIZE), -1)
+
+
+def test_upsample_keeps_range_and_reproduces_the_mean():
+    x, _ = D.load_digits_data("test")
+    up = D.upsample(x[:8], 32)
+    assert up.shape == (8, 1, 32, 32)
+    assert float(up.min()) >= -1 and float(up.max()) <= 1
+    # an integer-factor bilinear enlargement (align_corners=False) preserves the mean
+    assert torch.allclose(up.mean((1, 2, 3)), x[:8].mean((1, 2, 3)), atol=1e-5)
+    with pytest.raises(ValueError, match="size"):
+        D.upsample(x[:2], 0)

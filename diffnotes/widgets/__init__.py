@@ -1,8 +1,24 @@
 """Explorers: live ipywidgets sliders in a kernel, a self-contained static twin on the website.
 
-The mechanism is :func:`explorer` (see ``_core.py``); the named explorers of the chapters are
-built on it and re-exported here.
+The mechanism is :func:`explorer` (``_core.py``). The chapters' named explorers are built on it,
+one module each, and are importable from here (loaded on first use):
+
+- :func:`ddim_explorer` (``ddim.py``): η and the number of steps of DDIM sampling;
+- :func:`guidance_explorer` (``guidance.py``): the guidance scale, per class or prompt;
+- :func:`attention_explorer` (``attention.py``): cross-attention per word, step range, resolution;
+- :func:`graph_cut_explorer` (``ising.py``): λ and σ of the contrast-sensitive graph cut.
 """
+import importlib
+
 from ._core import StaticExplorer, explorer, is_static, static_explorer, to_png_bytes
 
-__all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes"]
+_NAMED = {"ddim_explorer": "ddim", "guidance_explorer": "guidance",
+          "attention_explorer": "attention", "graph_cut_explorer": "ising"}
+
+__all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes", *_NAMED]
+
+
+def __getattr__(name):
+    if name in _NAMED:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
