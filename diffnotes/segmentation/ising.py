@@ -225,10 +225,12 @@ def potts_alpha_expansion(unary, weights, max_cycles: int = 10, init=None) -> np
     labelling).
 
     ``unary``: (K, H, W); ``weights``: a pair ``(w_right, w_down)`` of shapes (H, W−1), (H−1, W),
-    non-negative; ``init``: optional starting labels (H, W). Returns int64 labels (H, W).
+    non-negative, or one number for every edge; ``init``: optional starting labels (H, W). Returns int64 labels (H, W).
     """
     u = _unary(unary)
     K, H, W = u.shape
+    if isinstance(weights, (int, float, np.integer, np.floating)) and not isinstance(weights, bool):
+        weights = (np.full((H, W - 1), float(weights)), np.full((H - 1, W), float(weights)))
     if not isinstance(weights, (tuple, list)) or len(weights) != 2:
         raise ValueError(f"weights must be a pair (w_right, w_down), got {type(weights).__name__}"
                          + (f" of length {len(weights)}" if hasattr(weights, "__len__") else ""))
