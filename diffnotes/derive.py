@@ -249,14 +249,19 @@ def ddim_sigma_for_ddpm() -> dict:
     sigma2 = sp.factor(sp.simplify(sol[0]))
     beta_tilde = (1 - ab_prev) / (1 - ab_t) * beta_t
     _check(sigma2 - beta_tilde, "sigma_t^2 = beta_tilde")
-    coef_x0_ddim = sp.sqrt(ap) - sp.sqrt(1 - ap - sigma2) * sp.sqrt(ab) / sp.sqrt(1 - ab)
+    # √(1 − ᾱ_{t−1} − σ_t²) is √α_t (1 − ᾱ_{t−1})/√(1 − ᾱ_t): both sides are positive and their
+    # squares agree, so substitute the square-root-free form (sympy cannot take √ of (1−ᾱ)²
+    # without knowing the sign)
+    root = sp.sqrt(a) * (1 - ap) / sp.sqrt(1 - ab)
+    _check(sp.expand(root ** 2) - (1 - ap - sigma2), "the direction coefficient's square")
+    coef_x0_ddim = sp.sqrt(ap) - root * sp.sqrt(ab) / sp.sqrt(1 - ab)
     coef_x0_residual = sp.simplify(coef_x0_ddim - sp.sqrt(ap) * (1 - a) / (1 - ab))
     _check(coef_x0_residual, "the x_0 coefficients with sigma_t^2 = beta_tilde")
     eta_form = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)              # DDIM eq 16, η = 1
     _check(eta_form - beta_tilde, "sigma_t(eta=1)^2 = beta_tilde")
     printed = sp.sqrt(1 - ab_prev) / sp.sqrt(1 - ab_t) * beta_t               # eq 1.24 as printed
-    r = (1 - ab_prev) / (1 - ab_t)
-    diff = beta_t * sp.sqrt(r) * (1 - sp.sqrt(r))
+    sqrt_r = sp.sqrt(1 - ab_prev) / sp.sqrt(1 - ab_t)                        # √r, r < 1
+    diff = beta_t * sqrt_r * (1 - sqrt_r)
     _check(printed - beta_tilde - diff, "printed - correct = beta sqrt(r) (1 - sqrt(r))")
     ratio = sp.simplify(printed / beta_tilde)
     _check(ratio - sp.sqrt(1 - ab_t) / sp.sqrt(1 - ab_prev), "printed / correct")
