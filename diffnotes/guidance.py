@@ -34,7 +34,7 @@ __all__ = [
     "classifier_guided_eps_model", "scale_from_ho_salimans", "ho_salimans_from_scale",
     "condition_dropout_mask", "drop_conditions", "uniform_drop_rate",
     "mixture_cond_model", "product_mixture_cond_model", "tilted_log_density",
-    "histogram_density", "grid_density", "total_variation",
+    "histogram_density", "grid_density", "total_variation", "mixture_guided_eps",
 ]
 
 
@@ -307,12 +307,18 @@ def classifier_guided_eps_model(eps_model: Callable, classifier: Callable | None
 
     ``eps_model`` is the unguided model (usually unconditional). The gradient comes from
     :func:`classifier_grad` on ``classifier(x, t)``, or from ``grad_fn(x, t, y)`` if given
-    (e.g. the analytic mixture's exact ``grad_log_class_posterior``).
+    (e.g. the analytic mixture's exact ``grad_log_class_posterior``). ``y`` is an int or a (B,)
+    tensor of labels; ``scale`` a number or a (B,) tensor (one per row). Each call runs the model
+    once and the classifier forward and backward once.
     """
     if classifier is None and grad_fn is None:
         raise ValueError("classifier and grad_fn cannot both be None")
     check_tensor(alphas_cumprod, "alphas_cumprod", ndim=1)
-    check_finite(scale, "scale") if not isinstance(scale, torch.Tensor) else None
+    if isinstance(scale, torch.Tensor):
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError("scale must be finite, got a tensor containing non-finite values")
+    else:
+        check_finite(scale, "scale")
     grad = grad_fn or (lambda x, t, y_: classifier_grad(classifier, x, t, y_))
 
     def guided(x, t):
@@ -481,3 +487,20 @@ def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
     """½ Σ |p − q| between two discrete distributions of the same shape."""
     check_same_shape(p, q, "p", "q")
     return 0.5 * float((p - q).abs().sum())
+
+
+def mixture_guided_eps(gmm, y: int, scale) -> Callable:
+    """Exact guided ``eps_model(x, t)`` for the analytic mixture: ε_u + scale (ε_y − ε_u), both
+    ε from one evaluation of the per-component terms (fast; equal to
+    ``guided_eps_model(mixture_cond_model(gmm), y, -1, scale)``). ``scale`` may be a (B,) tensor.
+    """
+    def eps_model(x, t):
+        diff, var, ll = gmm._component_terms(x, t)
+        comp = -diff / var                                        # ∇ log p_t(x | c), (B, K, D)
+        r = torch.softmax(ll + gmm.weights.log(), dim=1)          # p_t(c | x)
+        s_u = (r[:, :, None] * comp).sum(1)
+        s_c = comp[:, y]
+        a = gmm._alpha_bar(t, x)
+        sig = (1 - a).sqrt()
+        return cfg(-sig * s_u, -sig * s_c, scale).to(x.dtype)    # ε = −√(1−ᾱ) ∇ log p
+    return eps_model
