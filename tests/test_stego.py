@@ -75,6 +75,18 @@ def test_switches_change_the_loss_and_act_where_documented():
         pytest.approx(-(float(Fm.mean()) - 0.25), abs=1e-14)
 
 
+def test_loss_rewards_agreement():
+    # codes that reproduce the features' geometry (S = F) must beat random codes; the seed's
+    # eq 5.28 without the minus sign ranks them the other way round
+    fa, fb = _rand(2, 6, 3, 3, seed=20), _rand(2, 6, 3, 3, seed=21)
+    ra, rb = _rand(2, 6, 3, 3, seed=22), _rand(2, 6, 3, 3, seed=23)
+    for centering, clamp in itertools.product([True, False], repeat=2):
+        aligned = float(stego_loss(fa, fb, fa, fb, 0.0, centering, clamp))
+        random = float(stego_loss(fa, fb, ra, rb, 0.0, centering, clamp))
+        assert aligned < random
+        assert -aligned > -random      # the printed (sign-flipped) loss prefers random codes
+
+
 def test_gradient_reaches_codes_not_features():
     fa = _rand(1, 4, 2, 2, seed=10).requires_grad_(True)
     ca = _rand(1, 3, 2, 2, seed=11).requires_grad_(True)

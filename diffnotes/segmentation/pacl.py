@@ -197,7 +197,7 @@ def train_pacl(patch_feats: torch.Tensor, text_feats: torch.Tensor, generator: t
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return e_v, e_t, losses
 
 

@@ -346,7 +346,7 @@ def train_picie(feats1: torch.Tensor, feats2: torch.Tensor, k: int, generator: t
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update()
     bar.close()
     return head, losses

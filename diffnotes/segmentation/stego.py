@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffnotes.utils import check_finite, check_tensor
 
 __all__ = ["correspondence", "stego_loss", "stego_objective", "knn_pairs", "SegmentationHead",
-           "train_stego", "fit_cluster_probe",
+           "train_stego", "fit_cluster_probe", "sample_points",
            "ClusterProbe", "pool_features"]
 
 _EPS = 1e-10
@@ -212,14 +212,21 @@ class ClusterProbe(nn.Module):
 
 
 # ----------------------------------------------------------------------------- a small trainer
+def sample_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather positions ``idx`` (B, P) (flat indices into H*W) of maps (B, C, H, W) as
+    (B, C, P, 1) maps: STEGO computes its loss on random samples of positions."""
+    flat = x.flatten(2)
+    return flat.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))[..., None]
+
+
 def train_stego(feats: torch.Tensor, generator: torch.Generator, dim: int = 32, k: int = 5,
-                steps: int = 300, batch_size: int = 16, lr: float = 3e-3,
+                steps: int = 300, batch_size: int = 16, lr: float = 3e-3, n_points: int = 64,
                 shifts=(0.18, 0.12, 0.46), weights=(0.67, 0.25, 0.63), progress: bool = True):
     """Train a :class:`SegmentationHead` on frozen features with :func:`stego_objective`.
 
     Each step takes a batch of images, a partner for each among its ``k`` nearest neighbours
-    (:func:`knn_pairs`) and a random other image, and uses every position of the (small)
-    feature maps (the official code samples 11 x 11 random points of larger maps instead).
+    (:func:`knn_pairs`) and a random other image, and evaluates the loss on ``n_points``
+    random positions of each map (the official code samples 11 x 11 = 121 points).
 
     Args:
         feats: (N, C, H, W) frozen backbone features.
@@ -245,13 +252,16 @@ def train_stego(feats: torch.Tensor, generator: torch.Generator, dim: int = 32, 
         pick = torch.randint(knn.shape[1], (len(idx),), generator=generator)
         nn_idx = knn[idx, pick]
         rnd = (idx + torch.randint(1, n, (len(idx),), generator=generator)) % n  # never itself
-        f, fk, fr = feats[idx], feats[nn_idx], feats[rnd]
-        c, ck, cr = head(f), head(fk), head(fr)
+        hw = feats.shape[2] * feats.shape[3]
+        pts = [torch.rand(len(idx), hw, generator=generator).argsort(1)[:, :n_points]
+               for _ in range(3)]
+        f, fk, fr = (sample_points(feats[i], p) for i, p in zip((idx, nn_idx, rnd), pts))
+        c, ck, cr = head(f), head(fk), head(fr)   # the head is pointwise (1x1 convs)
         loss = stego_objective(f, c, fk, ck, fr, cr, shifts=shifts, weights=weights)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return head, losses
 
 
