@@ -27,7 +27,6 @@ word of one row), float32 (float64 when the model runs in float64).
 from __future__ import annotations
 
 import math
-import re
 import string
 import warnings
 from dataclasses import dataclass
@@ -57,14 +56,22 @@ class RecordingAttnProcessor:
     ``self.store._record(...)`` differs; it does not touch the output.
     """
 
-    def __init__(self, store: "AttentionStore", name: str):
+    def __init__(self, store: "AttentionStore", name: str, fallback=None):
         self.store = store
         self.name = name
+        self.fallback = fallback
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        residual = hidden_states
         is_cross = encoder_hidden_states is not None
+        if self.fallback is not None and not self.store._wants(
+                is_cross, hidden_states.shape[1] if hidden_states.ndim == 3
+                else hidden_states.shape[2] * hidden_states.shape[3]):
+            # a layer the store does not record (e.g. self-attention above self_max_res): run
+            # the processor that was there before, untouched
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
@@ -209,7 +216,7 @@ class AttentionStore:
         new = {}
         for key, proc in saved.items():
             kind = _kind_of_name(key)
-            new[key] = (RecordingAttnProcessor(self, key[: -len(".processor")])
+            new[key] = (RecordingAttnProcessor(self, key[: -len(".processor")], fallback=proc)
                         if kind in self.kinds else proc)
         unet.set_attn_processor(new)
         self._saved, self._unet = saved, unet
@@ -238,7 +245,7 @@ class AttentionStore:
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         if isinstance(t, torch.Tensor):
-            t = t.flatten()[0].item() if t.numel() else None
+            t = t.flatten()[0].item() if t.numel() and t.device.type != "meta" else None
         self.timesteps.append(t)
 
     # -- recording (called by the processor)
@@ -254,6 +261,14 @@ class AttentionStore:
             raise RuntimeError(f"cannot infer the query grid of {n_query} tokens; run the UNet "
                                f"with the store attached so it sees the latent size")
         return s, s
+
+    def _wants(self, is_cross: bool, n_query: int) -> bool:
+        if ("cross" if is_cross else "self") not in self.kinds:
+            return False
+        if is_cross:
+            return True
+        h, w = self._grid(n_query)
+        return max(h, w) <= self.self_max_res
 
     def _select_rows(self, p: torch.Tensor) -> torch.Tensor:
         B = p.shape[0]
@@ -521,7 +536,6 @@ def word_token_indices(prompt: str, word: str, tokenizer, occurrence: int | None
                              f"got {occurrence}")
         matches = [matches[occurrence]]
     L = max_length or _max_length(tokenizer)
-    n_prefix = offset
     n_suffix = len(full) - offset - len(ids)
     last_kept = L - n_suffix                   # positions >= this are cut by truncation
     out = []
@@ -532,7 +546,6 @@ def word_token_indices(prompt: str, word: str, tokenizer, occurrence: int | None
     if not kept:
         raise ValueError(f"word {word!r} lies beyond the {L}-token limit of the text encoder "
                          f"(positions {out}), so truncation removed it")
-    del n_prefix
     return kept
 
 

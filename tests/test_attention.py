@@ -81,6 +81,17 @@ def test_rows_are_distributions_and_shapes(unet):
     assert store.maps("self", res=8).shape == (2, 8, 8, 64)
 
 
+def test_self_attention_above_self_max_res_is_not_recorded(unet):
+    x, ctx = _inputs(5)
+    with torch.no_grad():
+        y_default = unet(x, 300, ctx).sample
+        with AttentionStore(kinds=("cross", "self"), self_max_res=8).attach(unet) as store:
+            y = unet(x, 300, ctx).sample
+    assert [i.res for i in store.layers("self")] == [8]        # the 16×16 ones ran untouched
+    assert len(store.layers("cross")) == 4
+    assert torch.allclose(y, y_default, atol=1e-12)
+
+
 def _hand_probs(attn, hidden, ctx):
     """softmax(Q K^T / sqrt(d)) per head (seed 000 eq 1.47), averaged over heads."""
     q, k = attn.to_q(hidden), attn.to_k(ctx)
@@ -287,6 +298,30 @@ def test_word_level_tokenizer():
         word_token_indices(p, "star", tok)
 
 
+def test_text_encoder_causal_mask_and_padding():
+    """A CLIP text encoder is causal and has no padding mask (seed 000 §1.5, lines 395-405):
+    changing word k leaves positions < k unchanged; padding positions are not zero and do
+    depend on the prompt (erratum sd-zero-padding)."""
+    shapes = pytest.importorskip("diffnotes.models.shapes")
+    torch.manual_seed(0)
+    tok = shapes.make_tokenizer()
+    enc = shapes.make_text_encoder(tok).double().eval()
+
+    def embed(p):
+        ids = tokenize_prompt(p, tok)["input_ids"]
+        with torch.no_grad():
+            return enc(ids).last_hidden_state[0]
+
+    a = embed("a red circle on the left")
+    b = embed("a red square on the left")                 # word 3 ("circle") changed
+    k = word_token_indices("a red circle on the left", "circle", tok)[0]
+    assert torch.equal(a[:k], b[:k])                         # causal: earlier tokens untouched
+    assert (a[k:] - b[k:]).abs().amax(-1).min() > 1e-6       # every later position changes
+    n = tokenize_prompt("a red circle on the left", tok)["length"]
+    assert n < shapes.MAX_LENGTH
+    assert a[n:].abs().amax(-1).min() > 1e-3                 # padding embeddings are not zero
+
+
 # ---------------------------------------------------------------------------- images
 def test_upsample_and_overlay():
     m = torch.full((2, 3, 4, 4), 0.25, dtype=torch.float64)
@@ -326,3 +361,39 @@ def test_generate_with_attention_on_untrained_shapes_pipeline():
     assert store.maps().shape[0] == 1                                   # cond rows only
     assert all(type(p).__name__ != "RecordingAttnProcessor"
                for p in pipe.unet.attn_processors.values())
+
+
+# ---------------------------------------------------------------------------- exercise checkers
+def test_exercise_checkers_agree_with_diffusers():
+    """The 'cross_attention' reference equals a diffusers Attention module carrying the same
+    weights; 'token_map' agrees with the store's layout; wrong answers fail."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffnotes.exercises import check
+
+    def via_diffusers(f, c, w_q, w_k, w_v, w_o, heads):
+        inner = w_q.shape[1]
+        a = Attention(query_dim=f.shape[-1], cross_attention_dim=c.shape[-1], heads=heads,
+                      dim_head=inner // heads).double()
+        with torch.no_grad():
+            a.to_q.weight.copy_(w_q.T)
+            a.to_k.weight.copy_(w_k.T)
+            a.to_v.weight.copy_(w_v.T)
+            a.to_out[0].weight.copy_(w_o.T)
+            a.to_out[0].bias.zero_()
+            a.set_processor(AttnProcessor())
+            return a(f, encoder_hidden_states=c)
+
+    assert check("cross_attention", via_diffusers, verbose=False)
+    no_scale = lambda f, c, w_q, w_k, w_v, w_o, heads: torch.softmax(  # noqa: E731
+        (f @ w_q) @ (c @ w_k).transpose(-1, -2), -1) @ (c @ w_v) @ w_o
+    assert not check("cross_attention", no_scale, verbose=False)
+
+    def via_store_layout(probs, heads, height, width, token):
+        bh, n, m = probs.shape
+        p = probs.reshape(bh // heads, heads, n, m).mean(1)
+        return p.reshape(-1, height, width, m)[..., token]                 # as AttentionStore
+    assert check("token_map", via_store_layout, verbose=False)
+    transposed = lambda probs, heads, height, width, token: via_store_layout(  # noqa: E731
+        probs, heads, width, height, token).transpose(-1, -2)
+    assert not check("token_map", transposed, verbose=False)

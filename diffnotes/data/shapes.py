@@ -63,6 +63,7 @@ VOCABULARY: tuple[str, ...] = (_FUNCTION_WORDS + tuple(SIZES) + tuple(COLORS) + 
 
 _X_JITTER = 2.0          # px, horizontal jitter around a position's centre
 _Y_RANGE = (20.0, 44.0)  # px, range of the vertical centre
+_WINDOW = 40             # px, side of the window in which an object is rasterised (> its extent)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -169,56 +170,62 @@ def _shape_masks(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> n
 
 def _backgrounds(rng: np.random.Generator, n: int, textured: bool, size: int,
                  kind: np.ndarray | None = None) -> np.ndarray:
-    """Dark, low-saturation backgrounds (n, H, W, 3) so every object colour stands out."""
-    base = rng.uniform(0.10, 0.28, size=(n, 1, 1, 1)) + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 3))
-    img = np.empty((n, size, size, 3), dtype=np.float32)
-    img[...] = base.astype(np.float32)
+    """Dark, low-saturation backgrounds (n, H, W, 3) so every object colour stands out:
+    a grey-ish base colour plus a luminance pattern (none, noise, stripes or checkerboard)."""
+    base = (rng.uniform(0.10, 0.28, size=(n, 1, 1, 1))
+            + rng.uniform(-0.03, 0.03, size=(n, 1, 1, 3))).astype(np.float32)
     if kind is None:
         kind = rng.integers(0, len(BACKGROUNDS), size=n) if textured else np.zeros(n, dtype=int)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     amp = rng.uniform(0.03, 0.07, size=n).astype(np.float32)
-    noise_idx = np.flatnonzero(kind == 1)
-    if len(noise_idx):
-        noise = rng.standard_normal(size=(len(noise_idx), size, size, 1), dtype=np.float32)
-        img[noise_idx] += amp[noise_idx, None, None, None] * noise
-    stripe_idx = np.flatnonzero(kind == 2)
-    if len(stripe_idx):
-        period = rng.uniform(5.0, 12.0, size=len(stripe_idx)).astype(np.float32)
-        ang = rng.uniform(0, np.pi, size=len(stripe_idx)).astype(np.float32)
+    pattern = np.zeros((n, size, size), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    idx = np.flatnonzero(kind == 1)
+    if len(idx):
+        pattern[idx] = rng.standard_normal(size=(len(idx), size, size), dtype=np.float32)
+    idx = np.flatnonzero(kind == 2)
+    if len(idx):
+        period = rng.uniform(5.0, 12.0, size=len(idx)).astype(np.float32)
+        ang = rng.uniform(0, np.pi, size=len(idx)).astype(np.float32)
         proj = np.cos(ang)[:, None, None] * xx + np.sin(ang)[:, None, None] * yy
-        wave = np.sign(np.sin(2 * np.pi * proj / period[:, None, None]))
-        img[stripe_idx] += (amp[stripe_idx, None, None] * wave)[..., None]
-    check_idx = np.flatnonzero(kind == 3)
-    if len(check_idx):
-        cell = rng.integers(4, 11, size=len(check_idx))[:, None, None]
-        board = ((xx // cell + yy // cell) % 2) * 2.0 - 1.0
-        img[check_idx] += (amp[check_idx, None, None] * board)[..., None]
-    return np.clip(img, 0.0, 1.0)
+        pattern[idx] = np.where((proj / period[:, None, None]) % 1.0 < 0.5, 1.0, -1.0)
+    idx = np.flatnonzero(kind == 3)
+    if len(idx):
+        cell = rng.integers(4, 11, size=len(idx))[:, None, None]
+        pattern[idx] = ((xx // cell + yy // cell) % 2) * 2.0 - 1.0
+    pattern *= amp[:, None, None]
+    img = base + pattern[..., None]
+    np.clip(img, 0.0, 1.0, out=img)
+    return img
 
 
 def _render(rng, bg, shape_id, color_rgb, radius, cx, cy, present) -> tuple[np.ndarray, np.ndarray]:
     """Draw objects (slot order = drawing order) onto ``bg``; return images and visible masks."""
     n, size = bg.shape[0], bg.shape[1]
     K = shape_id.shape[1]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    xx, yy = xx + 0.5, yy + 0.5          # pixel centres
     full = np.zeros((n, K, size, size), dtype=bool)
+    win = min(size, _WINDOW)
+    ar = np.arange(win)
     for s_idx, s_name in enumerate(SHAPES):
         sel = np.nonzero(present & (shape_id == s_idx))
         if len(sel[0]) == 0:
             continue
-        dx = xx[None] - cx[sel][:, None, None].astype(np.float32)
-        dy = yy[None] - cy[sel][:, None, None].astype(np.float32)
-        full[sel] = _shape_masks(s_name, dx, dy, radius[sel][:, None, None].astype(np.float32))
+        # evaluate each object only in a win×win window around its centre (it fits inside)
+        x0 = np.clip(np.round(cx[sel]).astype(int) - win // 2, 0, size - win)
+        y0 = np.clip(np.round(cy[sel]).astype(int) - win // 2, 0, size - win)
+        rows, cols = y0[:, None] + ar, x0[:, None] + ar                   # (m, win)
+        dx = (cols + 0.5 - cx[sel][:, None]).astype(np.float32)[:, None, :]
+        dy = (rows + 0.5 - cy[sel][:, None]).astype(np.float32)[:, :, None]
+        local = _shape_masks(s_name, dx, dy, radius[sel][:, None, None].astype(np.float32))
+        full[sel[0][:, None, None], sel[1][:, None, None], rows[:, :, None], cols[:, None, :]] = local
     # later objects occlude earlier ones: each pixel belongs to the last object covering it
     owner = np.zeros((n, size, size), dtype=np.int8)
     for k in range(K):
         owner[full[:, k]] = k + 1
     visible = owner[:, None] == np.arange(1, K + 1, dtype=np.int8)[None, :, None, None]
-    colours = np.concatenate([np.zeros((n, 1, 3), np.float32), color_rgb.astype(np.float32)], 1)
-    drawn = np.take_along_axis(colours, owner.reshape(n, -1, 1).astype(np.intp), axis=1)
-    images = np.where((owner > 0)[..., None], drawn.reshape(n, size, size, 3), bg)
-    return images.astype(np.float32, copy=False), visible
+    images = bg
+    nz = np.nonzero(owner)
+    images[nz] = color_rgb.astype(np.float32)[nz[0], owner[nz] - 1]
+    return images, visible
 
 
 def _boxes(masks: np.ndarray) -> np.ndarray:
@@ -287,7 +294,7 @@ def generate_scenes(n: int, seed=0, *, min_objects: int = 1, max_objects: int = 
                     colors: Sequence[str] | None = None, textured: bool = True,
                     p_mention_size: float = 0.6, p_mention_position: float = 0.8,
                     image_size: int = IMAGE_SIZE) -> ShapeScenes:
-    """Generate ``n`` captioned scenes (vectorised; several thousand per second on one core).
+    """Generate ``n`` captioned scenes (vectorised: about 2,500 scenes per CPU-second).
 
     Parameters
     ----------

@@ -35,7 +35,7 @@ EXTRA_WORDS = ("of", "with", "photo", "picture", "image", "top", "bottom", "at",
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
     act_fn="silu", scaling_factor=1.0,  # replaced by 1/std of the latents after training
 )
 
@@ -45,8 +45,8 @@ TEXT_CONFIG = dict(
 )
 
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(96, 192),
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",

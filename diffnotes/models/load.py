@@ -1,0 +1,109 @@
+"""One loader for every text-to-image model in the book: the shipped tiny model and Stable Diffusion.
+
+``load_pipeline("shapes")`` loads the directory shipped in ``diffnotes/weights/shapes`` with
+``diffusers.StableDiffusionPipeline.from_pretrained`` (offline, a few MB).
+``load_pipeline("sd-1.5")`` and ``load_pipeline("sd-2.1-base")`` go through the same call with a
+Hugging Face Hub repository id; they need the weights (a GPU machine with internet access, e.g.
+Colab). Without them the call fails with one :class:`WeightsUnavailableError` that says so.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["load_pipeline", "KNOWN_MODELS", "SHAPES_DIR", "WeightsUnavailableError"]
+
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "weights" / "shapes"
+
+#: name → local directory or Hub repository ids (tried in order).
+KNOWN_MODELS: dict[str, tuple[str, ...]] = {
+    "shapes": (str(SHAPES_DIR),),
+    "sd-1.5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    "sd-2.1-base": ("stabilityai/stable-diffusion-2-1-base",),
+}
+
+
+class WeightsUnavailableError(OSError):
+    """The weights of a named model cannot be found or downloaded on this machine."""
+
+
+def _dtype_kwarg(dtype) -> dict:
+    """diffusers ≥ 0.36 takes ``dtype=``; older releases (e.g. on Colab) take ``torch_dtype=``."""
+    try:
+        from diffusers.utils import deprecation_utils
+        new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    except ImportError:
+        new = False
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
+def _make_scheduler(kind: str, config):
+    from diffusers import DDIMScheduler, DDPMScheduler
+    if kind == "ddim":
+        return DDIMScheduler.from_config(config)
+    if kind == "ddpm":
+        return DDPMScheduler.from_config(config)
+    raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+def load_pipeline(name: str = "shapes", device=None, dtype=None, scheduler: str = "ddim"):
+    """Load a ``diffusers.StableDiffusionPipeline`` by name.
+
+    Parameters
+    ----------
+    name : ``"shapes"`` (shipped, offline), ``"sd-1.5"`` or ``"sd-2.1-base"`` (Hub weights).
+    device : torch device or string; default :func:`diffnotes.utils.pick_device` for Stable
+        Diffusion and ``"cpu"`` for ``"shapes"``.
+    dtype : torch dtype; default float32 for ``"shapes"``, :func:`diffnotes.utils.pick_dtype`
+        (float16 on CUDA) for Stable Diffusion.
+    scheduler : ``"ddim"`` (default) or ``"ddpm"``; built from the model's own scheduler config
+        (SD's scaled-linear schedule, seed 000 §1.5).
+
+    The safety checker is not loaded (``safety_checker=None``). Progress bars are disabled.
+
+    Raises
+    ------
+    ValueError : unknown ``name`` (the message lists the known names) or ``scheduler``.
+    WeightsUnavailableError (an ``OSError``) : the weights are neither on disk nor downloadable.
+    """
+    if not isinstance(name, str) or name not in KNOWN_MODELS:
+        raise ValueError(f"name must be one of {sorted(KNOWN_MODELS)}, got {name!r}")
+    if scheduler not in ("ddim", "ddpm"):
+        raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {scheduler!r}")
+    from diffusers import StableDiffusionPipeline
+    from diffnotes.utils import pick_device, pick_dtype
+
+    if name == "shapes":
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        dtype = dtype or torch.float32
+        if not (SHAPES_DIR / "model_index.json").exists():
+            raise WeightsUnavailableError(
+                f"the shipped 'shapes' model is missing from {SHAPES_DIR}; reinstall diffnotes or "
+                f"train it with `python -m diffnotes.models.train shapes`")
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(SHAPES_DIR), safety_checker=None, requires_safety_checker=False,
+            local_files_only=True, **_dtype_kwarg(dtype))
+    else:
+        device = torch.device(device) if device is not None else pick_device()
+        dtype = dtype or pick_dtype(device)
+        pipe, errors = None, []
+        for repo in KNOWN_MODELS[name]:
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    repo, safety_checker=None, requires_safety_checker=False, **_dtype_kwarg(dtype))
+                break
+            except Exception as err:  # hub, network, cache and offline-mode errors alike
+                errors.append(f"{repo}: {type(err).__name__}")
+        if pipe is None:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+            raise WeightsUnavailableError(
+                f"Stable Diffusion weights for {name!r} are not available on this machine "
+                f"(tried {', '.join(errors)}{'; HF_HUB_OFFLINE is set' if offline else ''}). "
+                f"They need a GPU machine with internet access (e.g. Colab) to download "
+                f"{KNOWN_MODELS[name][0]!r} from the Hugging Face Hub. "
+                f"Set MODEL='shapes' to use the small model shipped with diffnotes.") from None
+    pipe.scheduler = _make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
