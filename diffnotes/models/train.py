@@ -13,8 +13,17 @@ Two stages, like Stable Diffusion (seed 004; seed 000 §1.5):
     object noun's cross-attention map to lie on that object's mask; ``--attn-weight 0`` turns it
     off. It makes the attention maps, which the editing chapters use as an instrument, sharp.
 
+(a') optionally (``--decoder-steps``) the decoder alone, on the frozen encoder's latents, so the
+    latent space the UNet learns does not move.
+
+``--init-from DIR`` continues training an earlier run's weights; its TRAINING.json is embedded and
+``total_wall_time_s`` adds up the runs.
+
 The loop uses Hugging Face Accelerate (``Accelerator``, ``prepare``, ``backward``), so the same
-code runs on one CPU or several GPUs (``accelerate launch -m diffnotes.models.train shapes``).
+code runs on one CPU, several CPU processes or several GPUs:
+``torchrun --standalone --nproc_per_node 2 -m diffnotes.models.train shapes`` (or
+``accelerate launch -m diffnotes.models.train shapes``). On a busy shared CPU, two one-thread
+processes were ~5× faster per step than one process with two threads (which spin at barriers).
 It writes a ``StableDiffusionPipeline`` directory (safetensors) and ``TRAINING.json`` (wall
 time, CPU time, steps, threads, date, command).
 """
