@@ -21,15 +21,6 @@ from diffnotes.attention import (AttentionStore, overlay, prompt_words,  # noqa:
 M_TOK = 10  # key tokens in the fake text embeddings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """CI has 2 shared cores: one thread avoids oversubscription in these small ops."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ from diffusers import DDPMScheduler
 
 from diffnotes.ddpm import (ddpm_loss, ddpm_sample, ddpm_step, posterior_mean_variance,
                             predict_x0, q_sample)
-from diffnotes.schedules import alphas_cumprod, make_betas
 
 
 def _float64_ddpm_scheduler(betas):

@@ -10,15 +10,6 @@ from diffnotes.ddpm import q_sample
 from diffnotes.models import digits as D
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: extra intra-op threads only add overhead (and spin on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return D.load_unet()

@@ -16,16 +16,6 @@ from diffnotes.schedules import alphas_cumprod, make_betas
 SCALES = [0.0, 0.5, 1.0, 2.0, 3.0, 7.5, -1.5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (restored afterwards): these small batched loops only lose time to
-    thread hand-offs, and badly so on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def gmm(linear_schedule):
     _, ac = linear_schedule

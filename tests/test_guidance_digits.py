@@ -13,16 +13,6 @@ from diffnotes.schedules import make_timesteps
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread here (restored afterwards): these small batched loops only lose time to
-    thread hand-offs, and badly so on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return D.load_unet()

@@ -18,14 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from diffnotes.models import eval_shapes as ev  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_judges_are_right_on_the_generators_own_scenes():
     acc = ev.judge_accuracy(n=150, seed=2024)
     assert acc["color"] >= 0.97 and acc["shape"] >= 0.95 and acc["position"] >= 0.97, acc

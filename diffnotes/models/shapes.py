@@ -14,8 +14,6 @@ This module only builds the (untrained) parts; ``diffnotes.models.train`` trains
 """
 from __future__ import annotations
 
-import json
-import os
 
 from diffnotes.data.shapes import VOCABULARY
 
