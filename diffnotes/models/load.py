@@ -88,14 +88,22 @@ def load_pipeline(name: str = "shapes", device=None, dtype=None, scheduler: str 
     else:
         device = torch.device(device) if device is not None else pick_device()
         dtype = dtype or pick_dtype(device)
+        from diffusers.utils import logging as dlogging
+
         pipe, errors = None, []
-        for repo in KNOWN_MODELS[name]:
-            try:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    repo, safety_checker=None, requires_safety_checker=False, **_dtype_kwarg(dtype))
-                break
-            except Exception as err:  # hub, network, cache and offline-mode errors alike
-                errors.append(f"{repo}: {type(err).__name__}")
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()    # one clear error below, not a log line per failed try
+        try:
+            for repo in KNOWN_MODELS[name]:
+                try:
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        repo, safety_checker=None, requires_safety_checker=False,
+                        **_dtype_kwarg(dtype))
+                    break
+                except Exception as err:  # hub, network, cache and offline-mode errors alike
+                    errors.append(f"{repo}: {type(err).__name__}")
+        finally:
+            dlogging.set_verbosity(level)
         if pipe is None:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
             raise WeightsUnavailableError(
