@@ -38,3 +38,17 @@ def nonlinear_eps():
         return (0.5 * h @ W2.T).reshape(x.shape) + torch.sin(x)
 
     return eps
+
+
+@pytest.fixture(scope="session")
+def digits_unet():
+    """The shipped class-conditional digits UNet (diffnotes.models.digits)."""
+    from diffnotes.models import digits
+    return digits.load_unet()
+
+
+@pytest.fixture(scope="session")
+def digits_clf():
+    """The shipped noise-conditional digits classifier."""
+    from diffnotes.models import digits
+    return digits.load_classifier()
