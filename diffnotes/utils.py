@@ -40,6 +40,7 @@ def pick_dtype(device: torch.device | str | None = None) -> torch.dtype:
 
 
 def has_gpu() -> bool:
+    """True when CUDA is available (the chapters' "On a GPU" cells check this)."""
     return torch.cuda.is_available()
 
 
@@ -71,6 +72,7 @@ def check_tensor(x, name: str, ndim: int | Sequence[int] | None = None) -> torch
 
 
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` naming both arguments and their shapes unless they match."""
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"{name_a} and {name_b} must have the same shape, "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")

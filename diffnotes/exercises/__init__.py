@@ -23,6 +23,8 @@ __all__ = ["check", "register", "available", "CheckResult", "Checker"]
 
 @dataclass
 class Checker:
+    """A registered exercise: the reference, how to draw its inputs, and the tolerance."""
+
     name: str
     reference: Callable[..., Any]
     make_inputs: Callable[[torch.Generator], dict]
@@ -33,6 +35,8 @@ class Checker:
 
 @dataclass
 class CheckResult:
+    """The verdict of :func:`check`: truthy when every case passed; ``message`` says why not."""
+
     name: str
     passed: bool
     message: str

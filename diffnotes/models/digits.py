@@ -500,6 +500,8 @@ def heldout_eps_loss(unet, t: int = 500, n_noise: int = 4, seed: int = 0, y="tru
 
 
 def train_unet(args) -> None:
+    """``train-unet``: the ε-loss (seed 000, eq 1.8) with label dropout to NULL_CLASS, EMA weights;
+    saves ``weights/digits/unet`` and records time, steps and threads in TRAINING.json."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
@@ -562,6 +564,8 @@ def train_unet(args) -> None:
 
 
 def train_classifier(args) -> None:
+    """``train-classifier``: cross-entropy on noised digits x_t = q_sample(x_0, t) (eq 1.2), t uniform
+    (part of each batch near t = 0, so it also classifies clean digits); for classifier guidance."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -614,6 +618,7 @@ def train_classifier(args) -> None:
 
 
 def main(argv=None) -> None:
+    """``python -m diffnotes.models.digits train-unet | train-classifier [options]``."""
     p = argparse.ArgumentParser(prog="python -m diffnotes.models.digits",
                                 description="Train the shipped digits models.")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -94,11 +94,13 @@ def make_tokenizer(max_length: int = MAX_LENGTH):
 
 
 def make_vae():
+    """Untrained tiny ``AutoencoderKL``: 64×64×3 ↔ 16×16×4 (seed 000, eqs 1.37 and 1.42)."""
     from diffusers import AutoencoderKL
     return AutoencoderKL(**VAE_CONFIG)
 
 
 def make_text_encoder(tokenizer=None):
+    """Untrained small ``CLIPTextModel`` sized to the word-level tokenizer's vocabulary (eq 1.40)."""
     from transformers import CLIPTextConfig, CLIPTextModel
     tokenizer = tokenizer or make_tokenizer()
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -108,6 +110,7 @@ def make_text_encoder(tokenizer=None):
 
 
 def make_unet():
+    """Untrained ``UNet2DConditionModel`` with cross-attention at 16×16 and 8×8 (eq 1.41's ε_θ)."""
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(**UNET_CONFIG)
 

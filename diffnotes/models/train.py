@@ -192,7 +192,22 @@ class _VAERoundTrip(torch.nn.Module):
         return dec, post.kl()
 
 
+def _set_lr(opt, lr):
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _optimizer_step(accelerator, opt, loss, bar):
+    """zero_grad, backward through Accelerate, step, and tick the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    opt.step()
+    bar.update(1)
+
+
 def train_vae(vae, data, args, accelerator, deadline, log):
+    """Stage (a): reconstruction (MSE + L1) plus a small KL on random crops (eqs 1.37, 1.42).
+    Stops at ``args.vae_steps`` or at ``deadline``; returns ``(vae, steps)``."""
     from tqdm.auto import tqdm
     ds = torch.utils.data.TensorDataset(data["images"])
     loader = torch.utils.data.DataLoader(ds, batch_size=args.vae_batch_size, shuffle=True,
@@ -211,8 +226,7 @@ def train_vae(vae, data, args, accelerator, deadline, log):
         progress = _synced_progress(accelerator, step / args.vae_steps, (time.time() - t0) / budget)
         if progress >= 1.0:
             break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(progress, args.vae_lr)
+        _set_lr(opt, _lr_at(progress, args.vae_lr))
         (x,) = next(it)
         x = x.float() / 127.5 - 1.0
         if args.vae_crop < x.shape[-1]:                # the VAE is convolutional: train on crops
@@ -222,11 +236,8 @@ def train_vae(vae, data, args, accelerator, deadline, log):
         rec = F.mse_loss(dec, x) + F.l1_loss(dec, x)
         kl = kl.mean() / x[0].numel()
         loss = rec + args.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
+        _optimizer_step(accelerator, opt, loss, bar)
         step += 1
-        bar.update(1)
         if step % 50 == 0 or step == 1:
             log(f"vae step {step} rec {rec.item():.4f} kl/dim {kl.item():.3f} lr {opt.param_groups[0]['lr']:.2e}")
     bar.close()
@@ -266,8 +277,7 @@ def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
         progress = _synced_progress(accelerator, step / args.decoder_steps, (time.time() - t0) / budget)
         if progress >= 1.0:
             break
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(progress, args.decoder_lr)
+        _set_lr(opt, _lr_at(progress, args.decoder_lr))
         z, x = next(it)
         x = x.float() / 127.5 - 1.0
         c = args.vae_crop // 4
@@ -276,11 +286,8 @@ def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
             z, x = z[..., i:i + c, j:j + c], x[..., 4 * i:4 * (i + c), 4 * j:4 * (j + c)]
         out = dec(z)
         loss = F.mse_loss(out, x) + F.l1_loss(out, x)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        opt.step()
+        _optimizer_step(accelerator, opt, loss, bar)
         step += 1
-        bar.update(1)
         if step % 50 == 0 or step == 1:
             log(f"decoder step {step} rec {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
     bar.close()
@@ -292,6 +299,7 @@ def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
 
 @torch.no_grad()
 def encode_latents(vae, images, batch=256):
+    """Latent means E(x) of uint8 images (N, 3, 64, 64), in batches."""
     vae.eval()
     out = []
     for s in range(0, len(images), batch):
@@ -302,6 +310,9 @@ def encode_latents(vae, images, batch=256):
 
 def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args, accelerator,
                    deadline, log, checkpoint):
+    """Stage (b): the text encoder and UNet jointly on the ε-loss in latent space (eqs 1.38, 1.41),
+    with caption dropout for CFG and the optional noun-attention/mask loss. Returns the EMA
+    models, their weights and the number of steps."""
     from tqdm.auto import tqdm
     ds = torch.utils.data.TensorDataset(latents, data["ids"], data["nouns"], data["valid"],
                                         data["m16"], data["m8"])
@@ -327,8 +338,7 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
         progress = _synced_progress(accelerator, step / args.steps, (time.time() - t0) / budget)
         if progress >= 1.0:
             break
-        for grp in opt.param_groups:
-            grp["lr"] = _lr_at(progress, args.lr)
+        _set_lr(opt, _lr_at(progress, args.lr))
         z0, ids, nouns, valid, m16, m8 = next(it)
         B = z0.shape[0]
         drop = torch.rand(B, generator=g) < args.cond_drop                       # CFG dropout
@@ -380,6 +390,7 @@ def _swap_in(models, ema):
 
 
 def save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler):
+    """Write a ``StableDiffusionPipeline`` directory (safetensors) that ``from_pretrained`` loads."""
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
@@ -394,6 +405,8 @@ def save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler):
 
 # ------------------------------------------------------------------------- entry point
 def train_shapes(args) -> dict:
+    """The whole run: data, stage (a) or a reused VAE, optional decoder stage, stage (b), save,
+    and the TRAINING.json record (command, wall and CPU time, threads, steps) it returns."""
     from accelerate import Accelerator
     from diffnotes.models import shapes as M
 
@@ -401,7 +414,6 @@ def train_shapes(args) -> dict:
     torch.manual_seed(args.seed)
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available())
     out = Path(args.out)
-    log_f = None
 
     def log(msg):
         if accelerator.is_main_process:
@@ -520,6 +532,7 @@ def _previous_wall(args, vae_record) -> float:
 
 
 def build_parser():
+    """The command-line options of ``python -m diffnotes.models.train shapes``."""
     p = argparse.ArgumentParser(prog="python -m diffnotes.models.train",
                                 description="Train the shipped tiny text-to-image model.")
     p.add_argument("model", choices=["shapes"], help="which model to train")
@@ -561,6 +574,7 @@ def build_parser():
 
 
 def main(argv=None):
+    """Entry point: validate the options, then :func:`train_shapes`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
