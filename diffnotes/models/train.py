@@ -77,11 +77,14 @@ class _RecordingCrossAttnProcessor:
 
 
 def _install_recorder(unet, store):
-    from diffusers.models.attention_processor import AttnProcessor
+    """Recording processors on cross-attention (attn2); PyTorch's fused scaled-dot-product
+    attention on self-attention (attn1), whose 256×256 maps at 16×16 are the costliest part of
+    a training step on a CPU (~30% fewer seconds per sample than the plain processor)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
     procs = {}
     for name in unet.attn_processors:
         procs[name] = _RecordingCrossAttnProcessor(store) if name.endswith("attn2.processor") \
-            else AttnProcessor()
+            else AttnProcessor2_0()
     unet.set_attn_processor(procs)
 
 
@@ -139,8 +142,9 @@ def _concat_scenes(parts):
                        objects=sum((p.objects for p in parts), []))
 
 
-def _make_dataset(n: int, seed: int, textured_fraction: float = 1.0):
-    """Images (uint8 NCHW), token ids, noun token positions, soft masks at 16×16 and 8×8."""
+def _make_dataset(n: int, seed: int, textured_fraction: float = 1.0, object_count_probs=None):
+    """Images (uint8 NCHW), token ids, noun token positions, soft masks at 16×16 and 8×8.
+    ``object_count_probs``: probabilities of 1, 2, 3 objects (None: the generator's default)."""
     from diffnotes.data.shapes import generate_scenes
     from diffnotes.models.shapes import make_tokenizer
     tok = make_tokenizer()
@@ -150,7 +154,8 @@ def _make_dataset(n: int, seed: int, textured_fraction: float = 1.0):
         m = min(chunk, n - start)
         # textured scenes draw plain / noise / stripes / checker uniformly; the rest are plain
         n_tex = int(round(m * textured_fraction))
-        parts = [generate_scenes(k, seed=seed * 100003 + start + 7919 * j, textured=tex)
+        parts = [generate_scenes(k, seed=seed * 100003 + start + 7919 * j, textured=tex,
+                                 object_count_probs=object_count_probs)
                  for j, (k, tex) in enumerate(((n_tex, True), (m - n_tex, False))) if k > 0]
         sc = parts[0] if len(parts) == 1 else _concat_scenes(parts)
         imgs.append(torch.from_numpy((sc.images * 255 + 0.5).astype(np.uint8)).permute(0, 3, 1, 2))
@@ -354,7 +359,13 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
         hidden = text_encoder(ids)[0]
         eps = unet(zt, t, hidden).sample
         store.active = False
-        loss_eps = F.mse_loss(eps, noise)                                         # eq 1.41
+        # eq 1.41, each sample weighted by Min-SNR-γ (Hang et al. 2023): min(SNR_t, γ)/SNR_t,
+        # SNR_t = ᾱ_t/(1−ᾱ_t). Low-noise steps, which only polish texture, weigh less.
+        per_sample = (eps - noise).pow(2).mean(dim=(1, 2, 3))
+        if args.min_snr_gamma > 0:
+            snr = ab.view(B) / (1 - ab.view(B))
+            per_sample = per_sample * snr.clamp(max=args.min_snr_gamma) / snr
+        loss_eps = per_sample.mean()
         loss = loss_eps
         if args.attn_weight > 0 and store.maps:
             loss_attn = attention_mask_loss(store.maps, m16.float(), m8.float(), nouns, valid.float())
@@ -420,9 +431,10 @@ def train_shapes(args) -> dict:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     t_start, cpu_start = time.time(), time.process_time()
+    load_at_start = round(os.getloadavg()[0], 2)   # how busy the machine was (other jobs)
     deadline = t_start + args.minutes * 60
     log(f"threads={torch.get_num_threads()} device={accelerator.device} budget={args.minutes} min")
-    data = _make_dataset(args.n_scenes, args.seed, args.textured_fraction)
+    data = _make_dataset(args.n_scenes, args.seed, args.textured_fraction, args.object_count_probs)
     log(f"dataset: {args.n_scenes} scenes in {time.time() - t_start:.1f}s")
 
     comps = M.make_components()
@@ -496,18 +508,21 @@ def train_shapes(args) -> dict:
             wall_time_s=round(wall, 1), process_cpu_time_s=round(cpu, 1),
             threads=torch.get_num_threads(), device=str(accelerator.device),
             num_processes=accelerator.num_processes,
-            machine=f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared with other jobs)",
+            machine=f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+            load_average_at_start=load_at_start,
             torch=torch.__version__, vae_steps=vae_steps, vae_batch_size=args.vae_batch_size, vae_crop=args.vae_crop,
             unet_steps=steps, batch_size=args.batch_size, n_scenes=args.n_scenes,
             lr=args.lr, vae_lr=args.vae_lr, kl_weight=args.kl_weight, cond_drop=args.cond_drop,
             attn_weight=args.attn_weight, textured_fraction=args.textured_fraction, ema_decay=args.ema_decay,
+            min_snr_gamma=args.min_snr_gamma, object_count_probs=args.object_count_probs,
             scaling_factor=sf, seed=args.seed, total_size_bytes=size,
             decoder_steps=decoder_steps, decoder_lr=args.decoder_lr,
             vae_from=args.vae_from, vae_record=vae_record, init_from=args.init_from,
             init_record=getattr(args, "init_record", None),
             total_wall_time_s=round(wall + _previous_wall(args, vae_record), 1),
             note=("Stage (a) VAE: MSE+L1+KL. Stage (b) text encoder + UNet: eps-loss on "
-                  "scaling_factor·E(x), 10% empty captions (CFG), plus attn_weight × token-level "
+                  "scaling_factor·E(x), Min-SNR-γ weighted (min_snr_gamma, 0 = unweighted), "
+                  "10% empty captions (CFG), plus attn_weight × token-level "
                   "cross-attention/mask loss on object nouns. Weights saved are the EMA weights."),
         )
         (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -529,6 +544,17 @@ def _previous_wall(args, vae_record) -> float:
     if args.vae_from and vae_record:
         return float(vae_record.get("vae_wall_time_s", 0))
     return 0.0
+
+
+def _probs3(text: str) -> tuple[float, float, float]:
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) < 0 or sum(v) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--object-count-probs must be three non-negative numbers like 0.6,0.25,0.15, got {text!r}")
+    return v
 
 
 def build_parser():
@@ -557,6 +583,11 @@ def build_parser():
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--n-scenes", type=int, default=8000)
+    p.add_argument("--object-count-probs", type=_probs3, default=None,
+                   help="probabilities of 1, 2, 3 objects per scene, e.g. 0.6,0.25,0.15 "
+                        "(default: the generator's 0.5,0.3,0.2)")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="Min-SNR-γ loss weighting of the ε-loss (0: plain, unweighted eq 1.41)")
     p.add_argument("--textured-fraction", type=float, default=1.0,
                    help="fraction of scenes drawn with textured=True (the rest plain)")
     p.add_argument("--threads", type=int, default=1,
