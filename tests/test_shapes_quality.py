@@ -4,8 +4,8 @@ The judges are checked first on the generator's own scenes (where the truth is k
 shipped weights are loaded with ``load_pipeline("shapes")`` and scored on a seeded sample of
 single-object prompts against the issue's goals: ≥ 90% colour, ≥ 85% shape, ≥ 80% position, and
 a mean IoU ≥ 0.5 between each noun's cross-attention map and the object's segmented mask. The
-weights shipped today do not meet them (a strict xfail records it) and a floor guards against
-regressions.
+weights shipped today meet the colour, position and attention goals; the shape goal is not met
+(a strict xfail records it, and a floor guards against regressions).
 """
 import os
 
@@ -61,19 +61,25 @@ def shipped_result():
 
 
 @pytest.mark.slow
-def test_shipped_model_is_well_above_chance(shipped_result):
-    """A regression floor for the weights as shipped (measured 2026-11-21: colour 67%, shape 30%,
-    position 60%, attention mean IoU 0.42). Chance is 1/6 for colour and 1/3 for position; an
-    attention map shifted off the object scores below 0.2 (see the helper test above)."""
+def test_shipped_model_meets_the_colour_position_and_attention_goals(shipped_result):
+    """Measured 2026-11-22 on the weights shipped (44 min of training on 2 CPU cores): colour
+    97%, position 100%, attention mean IoU 0.60; goals 90%, 80%, 0.5."""
     res = shipped_result
-    assert res.color >= 0.5 and res.position >= 0.45 and res.attention_miou >= 0.3, res.summary()
+    for key in ("color", "position", "attention_miou"):
+        assert getattr(res, key) >= ev.GOALS[key], f"{key} below {ev.GOALS[key]}: {res.summary()}"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 is open: the shipped shapes model (69 min of CPU "
-                   "training on a shared machine) is below the goals; more training is needed. "
-                   "strict: when a retrained model meets them, this XPASS fails, so remove the mark.")
-def test_shipped_model_meets_the_quality_goals(shipped_result):
+def test_shipped_model_draws_shapes_at_least_at_chance(shipped_result):
+    """A floor for shape (measured 33%; chance is 1/5 among the training shapes)."""
+    assert shipped_result.shape >= 0.2, shipped_result.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 4 is open: the shipped shapes model draws the "
+                   "prompted colour and position but not yet the prompted shape (33% against the "
+                   "85% goal). strict: when a retrained model meets it, this XPASS fails, so "
+                   "remove the mark.")
+def test_shipped_model_meets_the_shape_goal(shipped_result):
     res = shipped_result
-    failed = {k: round(getattr(res, k), 3) for k, ok in res.passes().items() if not ok}
-    assert not failed, f"below the goals {ev.GOALS}: {failed} ({res.summary()})"
+    assert res.shape >= ev.GOALS["shape"], res.summary()
