@@ -9,6 +9,7 @@ Two stages, like Stable Diffusion (seed 004; seed 000 §1.5):
     ``z0 = scaling_factor · E(x)``, with the ε-loss of eq 1.41,
     ``E ||ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c)||²``, and 10% of captions replaced by the empty
     prompt so that classifier-free guidance (eq 1.44) works at sampling time.
+    Each sample's term is weighted by Min-SNR-γ (Hang et al. 2023; ``--min-snr-gamma``).
     An auxiliary token-level attention term (as in TokenCompose, Wang et al. 2024) asks each
     object noun's cross-attention map to lie on that object's mask; ``--attn-weight 0`` turns it
     off. It makes the attention maps, which the editing chapters use as an instrument, sharp.
