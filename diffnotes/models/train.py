@@ -203,18 +203,36 @@ def _set_lr(opt, lr):
         g["lr"] = lr
 
 
-def _optimizer_step(accelerator, opt, loss, bar):
-    """zero_grad, backward through Accelerate, step, and tick the progress bar."""
+def _optimizer_step(accelerator, opt, loss):
+    """zero_grad, backward through Accelerate, step."""
     opt.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     opt.step()
-    bar.update(1)
+
+
+def _schedule(accelerator, opt, base_lr, max_steps, deadline, desc):
+    """Yield step numbers 1, 2, … until ``max_steps`` or ``deadline``, whichever comes first,
+    setting the warm-up + cosine lr before each step and ticking a progress bar after it.
+    Rank 0's clock decides, so every process uses the same lr and stops at the same step."""
+    from tqdm.auto import tqdm
+    t0 = time.time()
+    budget = max(deadline - t0, 1e-3)
+    bar = tqdm(total=max_steps, desc=desc, mininterval=20, disable=not accelerator.is_main_process)
+    step = 0
+    while True:
+        progress = _synced_progress(accelerator, step / max_steps, (time.time() - t0) / budget)
+        if progress >= 1.0:
+            break
+        _set_lr(opt, _lr_at(progress, base_lr))
+        step += 1
+        yield step
+        bar.update(1)
+    bar.close()
 
 
 def train_vae(vae, data, args, accelerator, deadline, log):
     """Stage (a): reconstruction (MSE + L1) plus a small KL on random crops (eqs 1.37, 1.42).
     Stops at ``args.vae_steps`` or at ``deadline``; returns ``(vae, steps)``."""
-    from tqdm.auto import tqdm
     ds = torch.utils.data.TensorDataset(data["images"])
     loader = torch.utils.data.DataLoader(ds, batch_size=args.vae_batch_size, shuffle=True,
                                          drop_last=True, generator=torch.Generator().manual_seed(args.seed))
@@ -224,15 +242,8 @@ def train_vae(vae, data, args, accelerator, deadline, log):
     roundtrip.train()
     gcrop = torch.Generator().manual_seed(args.seed + 3)
     it = _infinite(loader)
-    t0 = time.time()
-    budget = deadline - t0
     step = 0
-    bar = tqdm(total=args.vae_steps, desc="vae", mininterval=20, disable=not accelerator.is_main_process)
-    while True:
-        progress = _synced_progress(accelerator, step / args.vae_steps, (time.time() - t0) / budget)
-        if progress >= 1.0:
-            break
-        _set_lr(opt, _lr_at(progress, args.vae_lr))
+    for step in _schedule(accelerator, opt, args.vae_lr, args.vae_steps, deadline, "vae"):
         (x,) = next(it)
         x = x.float() / 127.5 - 1.0
         if args.vae_crop < x.shape[-1]:                # the VAE is convolutional: train on crops
@@ -242,11 +253,9 @@ def train_vae(vae, data, args, accelerator, deadline, log):
         rec = F.mse_loss(dec, x) + F.l1_loss(dec, x)
         kl = kl.mean() / x[0].numel()
         loss = rec + args.kl_weight * kl
-        _optimizer_step(accelerator, opt, loss, bar)
-        step += 1
+        _optimizer_step(accelerator, opt, loss)
         if step % 50 == 0 or step == 1:
             log(f"vae step {step} rec {rec.item():.4f} kl/dim {kl.item():.3f} lr {opt.param_groups[0]['lr']:.2e}")
-    bar.close()
     return accelerator.unwrap_model(roundtrip).vae, step
 
 
@@ -262,7 +271,6 @@ class _Decode(torch.nn.Module):
 def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
     """Train only the decoder (and post_quant_conv) on the frozen encoder's latent means, so
     the latent space the UNet learns is unchanged. Random 8×8 latent crops ↔ 32×32 pixels."""
-    from tqdm.auto import tqdm
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
@@ -276,14 +284,8 @@ def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
     dec.train()
     gcrop = torch.Generator().manual_seed(args.seed + 5)
     it = _infinite(loader)
-    t0, step = time.time(), 0
-    budget = max(deadline - t0, 1e-3)
-    bar = tqdm(total=args.decoder_steps, desc="decoder", mininterval=20, disable=not accelerator.is_main_process)
-    while True:
-        progress = _synced_progress(accelerator, step / args.decoder_steps, (time.time() - t0) / budget)
-        if progress >= 1.0:
-            break
-        _set_lr(opt, _lr_at(progress, args.decoder_lr))
+    step = 0
+    for step in _schedule(accelerator, opt, args.decoder_lr, args.decoder_steps, deadline, "decoder"):
         z, x = next(it)
         x = x.float() / 127.5 - 1.0
         c = args.vae_crop // 4
@@ -292,11 +294,9 @@ def finetune_decoder(vae, latents, images, args, accelerator, deadline, log):
             z, x = z[..., i:i + c, j:j + c], x[..., 4 * i:4 * (i + c), 4 * j:4 * (j + c)]
         out = dec(z)
         loss = F.mse_loss(out, x) + F.l1_loss(out, x)
-        _optimizer_step(accelerator, opt, loss, bar)
-        step += 1
+        _optimizer_step(accelerator, opt, loss)
         if step % 50 == 0 or step == 1:
             log(f"decoder step {step} rec {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
-    bar.close()
     vae = accelerator.unwrap_model(dec).vae
     vae.requires_grad_(False)
     vae.eval()
@@ -319,7 +319,6 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
     """Stage (b): the text encoder and UNet jointly on the ε-loss in latent space (eqs 1.38, 1.41),
     with caption dropout for CFG and the optional noun-attention/mask loss. Returns the EMA
     models, their weights and the number of steps."""
-    from tqdm.auto import tqdm
     ds = torch.utils.data.TensorDataset(latents, data["ids"], data["nouns"], data["valid"],
                                         data["m16"], data["m8"])
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
@@ -335,16 +334,9 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
     acp = scheduler.alphas_cumprod.to(accelerator.device)
     g = torch.Generator(device="cpu").manual_seed(args.seed + 2 + 1000 * accelerator.process_index)
     it = _infinite(loader)
-    t0 = time.time()
-    budget = deadline - t0
-    step, last_ckpt = 0, time.time()
-    bar = tqdm(total=args.steps, desc="unet+text", mininterval=20, disable=not accelerator.is_main_process)
-    while True:
-        # rank 0's clock decides, so every process uses the same lr and stops at the same step
-        progress = _synced_progress(accelerator, step / args.steps, (time.time() - t0) / budget)
-        if progress >= 1.0:
-            break
-        _set_lr(opt, _lr_at(progress, args.lr))
+    t0 = last_ckpt = time.time()
+    step = 0
+    for step in _schedule(accelerator, opt, args.lr, args.steps, deadline, "unet+text"):
         z0, ids, nouns, valid, m16, m8 = next(it)
         B = z0.shape[0]
         drop = torch.rand(B, generator=g) < args.cond_drop                       # CFG dropout
@@ -377,18 +369,15 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
-        step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         for e, m in zip(ema, ema_models):
             _ema_update(e, list(m.parameters()), decay)
-        bar.update(1)
         if step % 50 == 0 or step == 1:
             log(f"unet step {step} eps {loss_eps.item():.4f} attn {loss_attn.item():.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} elapsed {time.time() - t0:.0f}s")
         if checkpoint is not None and time.time() - last_ckpt > args.checkpoint_minutes * 60:
             checkpoint(ema_models, ema, step)
             last_ckpt = time.time()
-    bar.close()
     store.maps = []
     return ema_models, ema, step
 
