@@ -164,6 +164,8 @@ def test_training_record_and_size():
     rec = json.loads((L.SHAPES_DIR / "TRAINING.json").read_text())
     assert "-m diffnotes.models.train shapes" in rec["command"]
     assert rec["wall_time_s"] > 0 and rec["threads"] >= 1 and rec["unet_steps"] > 0
+    # the training goal: at most 60 min on 2 CPU cores, counting any reused stage
+    assert rec["total_wall_time_s"] <= 3600 and rec["num_processes"] * rec["threads"] <= 2
     size = sum(f.stat().st_size for f in L.SHAPES_DIR.rglob("*") if f.is_file())
     assert size <= 25e6
     for comp in ("vae", "unet", "text_encoder"):
