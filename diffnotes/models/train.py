@@ -9,7 +9,8 @@ Two stages, like Stable Diffusion (seed 004; seed 000 §1.5):
     ``z0 = scaling_factor · E(x)``, with the ε-loss of eq 1.41,
     ``E ||ε − ε_θ(√ᾱ_t z0 + √(1−ᾱ_t) ε, t, c)||²``, and 10% of captions replaced by the empty
     prompt so that classifier-free guidance (eq 1.44) works at sampling time.
-    Each sample's term is weighted by Min-SNR-γ (Hang et al. 2023; ``--min-snr-gamma``).
+    Each sample's term is weighted by Min-SNR-γ (Hang et al. 2023; ``--min-snr-gamma``), and
+    latent pixels near an object weigh 1 + λ (``--object-weight``); both in :func:`eps_loss`.
     An auxiliary token-level attention term (as in TokenCompose, Wang et al. 2024) asks each
     object noun's cross-attention map to lie on that object's mask; ``--attn-weight 0`` turns it
     off. It makes the attention maps, which the editing chapters use as an instrument, sharp.
@@ -342,7 +343,8 @@ def encode_latents(vae, images, batch=256):
 def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args, accelerator,
                    deadline, log, checkpoint):
     """Stage (b): the text encoder and UNet jointly on the ε-loss in latent space (eqs 1.38, 1.41),
-    with caption dropout for CFG and the optional noun-attention/mask loss. Returns the EMA
+    weighted as in :func:`eps_loss`, with caption dropout for CFG and the optional
+    noun-attention/mask loss (:func:`attention_mask_loss`). Returns the EMA
     models, their weights and the number of steps."""
     ds = torch.utils.data.TensorDataset(latents, data["ids"], data["nouns"], data["valid"],
                                         data["m16"], data["m8"])
