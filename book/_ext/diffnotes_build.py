@@ -12,4 +12,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def setup(app):
+    # The Colab install cell of every chapter is written from _config.yml (diffnotes.book).
+    from diffnotes.book import sync_install_cells
+    for path in sync_install_cells():
+        print(f"[diffnotes] rewrote the Colab install cell of {path}")
     return {"parallel_read_safe": True, "parallel_write_safe": True}
