@@ -7,6 +7,9 @@
   (run by the book build and by ``python -m diffnotes.book sync``), never edited by hand; it is
   tagged ``remove-cell`` so the website starts each page with its title.
   ``tests/test_book_structure.py`` fails when a notebook's install cell is out of date.
+* :func:`equation_index` reads every labelled equation of the chapters with the comment line
+  that follows it (``% equation: code=... | paper=... | source=...``); :func:`write_equation_index`
+  turns it into ``book/equations.md`` ("Equations and code"), rebuilt by every book build.
 * :func:`glue` publishes a chapter's measured figure for ``book/results.md`` (MyST-NB's
   ``glue``; a no-op where MyST-NB is not installed, e.g. on Colab).
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["ROOT", "repository", "install_cell_source", "sync_install_cells", "glue",
-           "INSTALL_TAG"]
+           "INSTALL_TAG", "Equation", "equation_index", "resolve_code", "render_equation_index",
+           "write_equation_index"]
 
 #: The repository checkout this package was imported from (``_config.yml`` lives here).
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +114,126 @@ def glue(key: str, value, display: bool = False):
     return value
 
 
+# ---------------------------------------------------------------------- equations and code
+_LABEL = re.compile(r"\$\$\s*\((eq-[A-Za-z0-9_-]+)\)")
+_META = re.compile(r"^%\s*equation:\s*(.*)$", re.M)
+EQUATIONS_PAGE = "book/equations.md"
+
+
+@dataclass(frozen=True)
+class Equation:
+    """One labelled equation of a chapter and what its ``% equation:`` line says of it."""
+
+    label: str
+    chapter: str            # path of the notebook, relative to the repository root, no suffix
+    title: str              # the chapter's title
+    code: str               # dotted path of the implementing function, or "-"
+    paper: str              # the original paper's equation number, or "-"
+    source: str             # the source document's own number, or "-"
+    has_meta: bool
+
+
+def _parse_meta(text: str) -> dict:
+    out = {}
+    for part in text.split("|"):
+        key, sep, value = part.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def equation_index(root: str | Path | None = None) -> list[Equation]:
+    """Every ``$$ ... $$ (eq-...)`` of ``chapters/**/*.ipynb``, in book order within a chapter.
+
+    The ``% equation:`` comment must follow the label within the same markdown cell, before the
+    next display equation; an equation without one has ``has_meta=False`` (the tests reject it).
+    """
+    root = Path(root) if root is not None else ROOT
+    toc = (root / "_toc.yml").read_text() if (root / "_toc.yml").exists() else ""
+    order = {f: i for i, f in enumerate(re.findall(r"file:\s*([^\s#]+)", toc))}
+    paths = [p for p in root.glob("chapters/**/*.ipynb") if ".ipynb_checkpoints" not in p.parts]
+    paths.sort(key=lambda p: (order.get(str(p.relative_to(root).with_suffix("")), len(order)),
+                              str(p)))
+    out = []
+    for path in paths:
+        nb = json.loads(path.read_text())
+        md = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+        title = next((m.group(1).strip() for text in md
+                      for m in [re.search(r"^# (.+)$", text, re.M)] if m), path.stem)
+        for text in md:
+            labels = list(_LABEL.finditer(text))
+            for k, m in enumerate(labels):
+                end = labels[k + 1].start() if k + 1 < len(labels) else len(text)
+                nxt = text.find("$$", m.end())
+                end = min(end, nxt) if nxt != -1 else end
+                meta = _META.search(text, m.end(), end)
+                d = _parse_meta(meta.group(1)) if meta else {}
+                out.append(Equation(m.group(1), str(path.relative_to(root).with_suffix("")),
+                                    title, d.get("code", "-"), d.get("paper", "-"),
+                                    d.get("source", "-"), meta is not None))
+    return out
+
+
+def resolve_code(dotted: str):
+    """Import ``a.b.c.func`` (longest importable module prefix, then attributes)."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module in {dotted!r} can be imported")
+
+
+def _source_link(dotted: str, url: str, branch: str) -> str:
+    import inspect
+
+    obj = inspect.unwrap(resolve_code(dotted))
+    file = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
+    line = inspect.getsourcelines(obj)[1]
+    return f"[`{dotted}`]({url}/blob/{branch}/{file.as_posix()}#L{line})"
+
+
+def render_equation_index(entries: list[Equation], url: str, branch: str) -> str:
+    """The markdown of the "Equations and code" page: one table per chapter."""
+    lines = ["# Equations and code", "",
+             "Every labelled equation of the book: the chapter that derives it, its number in the",
+             "original paper and in the source documents, and the library function that computes",
+             "it (linked to its source). Generated from the chapters by every build of the book",
+             f"(`diffnotes.book.write_equation_index`); do not edit by hand.", ""]
+    chapter = None
+    for e in entries:
+        if e.chapter != chapter:
+            chapter = e.chapter
+            lines += ["", f"## {{doc}}`{e.title} </{e.chapter}>`", "",
+                      "| equation | paper | source document | library |", "|---|---|---|---|"]
+        code = _source_link(e.code, url, branch) if e.code not in ("", "-") else "—"
+        paper = e.paper if e.paper not in ("", "-") else "—"
+        source = e.source if e.source not in ("", "-") else "—"
+        lines.append(f"| {{eq}}`{e.label}` `{e.label}` | {paper} | {source} | {code} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_equation_index(root: str | Path | None = None) -> Path:
+    """(Re)write ``book/equations.md`` from the chapters; return its path."""
+    root = Path(root) if root is not None else ROOT
+    url, branch = repository(root / "_config.yml")
+    page = root / EQUATIONS_PAGE
+    text = render_equation_index(equation_index(root), url, branch)
+    if not page.exists() or page.read_text() != text:
+        page.write_text(text)
+    return page
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["sync"]:
-        sys.exit("usage: python -m diffnotes.book sync")
-    for p in sync_install_cells():
-        print("rewrote the install cell of", p.relative_to(ROOT))
+    commands = {"sync": sync_install_cells, "equations": write_equation_index}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit("usage: python -m diffnotes.book sync | equations")
+    result = commands[sys.argv[1]]()
+    for p in (result if isinstance(result, list) else [result]):
+        print("wrote", Path(p).relative_to(ROOT))

@@ -69,3 +69,19 @@ def test_launch_buttons_and_execution_are_configured():
     assert cfg["execute"]["allow_errors"] is False
     assert cfg["launch_buttons"]["colab_url"].startswith("https://colab.research.google.com")
     assert cfg["repository"]["url"] and cfg["repository"]["branch"]
+
+
+def test_install_cells_are_written_from_the_config_and_hidden():
+    """The Colab install cell is the first code cell, tagged remove-cell, and says exactly what
+    `python -m diffnotes.book sync` writes from _config.yml's repository (one place)."""
+    from diffnotes.book import sync_install_cells
+
+    stale = sync_install_cells(ROOT, write=False)
+    assert not stale, f"run `python -m diffnotes.book sync`: stale install cells in {stale}"
+    url, _ = __import__("diffnotes.book", fromlist=["repository"]).repository(ROOT / "_config.yml")
+    for nb in NOTEBOOKS:
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert "remove-cell" in code[0]["metadata"].get("tags", []), nb.name
+        assert sum(url in "".join(c["source"]) for c in cells) == 1, \
+            f"{nb.name}: the repository URL may appear only in the generated install cell"

@@ -61,7 +61,7 @@ def _time(fn, reps):
     return ts
 
 
-def test_recording_overhead(pipe):
+def test_recording_overhead(pipe, record):
     unet = pipe.unet
     cfg = unet.config
     g = torch.Generator().manual_seed(0)
@@ -110,6 +110,8 @@ def test_recording_overhead(pipe):
               f"softmax everywhere) {1e3 * statistics.median(t_expl):.1f} ms, recording "
               f"{'+'.join(kinds)} {1e3 * statistics.median(t_rec):.1f} ms -> ratio "
               f"{ratio:.3f} vs plain (goal <= 1.15)")
+    record("recording cross-attention / plain forward (time)", results[("cross",)], goal="≤ 1.15")
+    record("recording cross- and self-attention / plain forward (time)", results[("cross", "self")])
     assert results[("cross",)] < 3 * 1.15
 
 
@@ -117,7 +119,7 @@ def _maxrss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def test_memory_10_vs_50_steps(pipe):
+def test_memory_10_vs_50_steps(pipe, record):
     from diffnotes.attention import generate_with_attention
 
     prompt = "a red circle on the left"
@@ -133,14 +135,16 @@ def test_memory_10_vs_50_steps(pipe):
         rss[label] = _maxrss_mb()
         print(f"[bench_attention] {steps:2d} steps ({label}): store {store.nbytes() / 1024:.1f} "
               f"KiB, peak RSS so far {rss[label]:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    record("attention store, 50 steps / 10 steps (bytes)", sizes[50] / sizes[10], goal="= 1")
     assert sizes[10] == sizes[50]
     growth = rss["b"] - rss["a"]
     print(f"[bench_attention] peak RSS growth from the 10-step to the 50-step run: "
           f"{growth:.1f} MB (goal: 0)")
+    record("peak RSS growth, 10 → 50 steps", growth, goal="0", unit="MB")
     assert growth < 50
 
 
-def test_sd15_store_size_on_meta_device():
+def test_sd15_store_size_on_meta_device(record):
     from diffnotes.models.sd_shapes import meta_unet
 
     unet = meta_unet("sd-1.5")
@@ -157,4 +161,5 @@ def test_sd15_store_size_on_meta_device():
     print(f"[bench_attention] SD 1.5, 512x512, CFG batch: store {sizes[5] / 2**20:.1f} MiB after "
           f"2 and after 5 UNet calls ({sizes[2] == sizes[5]}); cross-attention part "
           f"{cross / 2**20:.1f} MiB; keeping every step's maps would add that much per step")
+    record("SD 1.5 attention store after 5 / after 2 UNet calls (bytes, meta device)", sizes[5] / sizes[2], goal="= 1")
     assert sizes[2] == sizes[5]

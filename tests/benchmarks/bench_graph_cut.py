@@ -45,13 +45,14 @@ def _best_time(fn, *args, repeats=5):
     return best, out
 
 
-def test_graph_cut_512_against_direct_pymaxflow():
+def test_graph_cut_512_against_direct_pymaxflow(record):
     u, wr, wd = _problem()
     t_ref, x_ref = _best_time(_direct, u, wr, wd)
     t_ours, x = _best_time(graph_cut, u, wr, wd)
     ratio = t_ours / t_ref
     print(f"\ngraph_cut 512×512: {t_ours * 1e3:.1f} ms; direct PyMaxflow {t_ref * 1e3:.1f} ms; "
           f"ratio {ratio:.2f} (goal ≤ {GOAL})")
+    record("graph_cut / direct PyMaxflow (time, 512×512)", ratio, goal=f"≤ {GOAL}")
     assert energy(x, u, wr, wd) == energy(x_ref, u, wr, wd) or \
         abs(energy(x, u, wr, wd) - energy(x_ref, u, wr, wd)) < 1e-6 * abs(energy(x_ref, u, wr, wd))
     assert ratio < 3 * GOAL
