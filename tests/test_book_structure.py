@@ -85,3 +85,37 @@ def test_install_cells_are_written_from_the_config_and_hidden():
         assert "remove-cell" in code[0]["metadata"].get("tags", []), nb.name
         assert sum(url in "".join(c["source"]) for c in cells) == 1, \
             f"{nb.name}: the repository URL may appear only in the generated install cell"
+
+
+def _exercises(nb):
+    """(statements, checked exercise cells with the solution cell after each) of a chapter."""
+    cells = json.loads(nb.read_text())["cells"]
+    start = next(i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                 and re.search(r"^#+ .*Exercises", "".join(c["source"]), re.M))
+    tail = cells[start:]
+    statements = sum(len(re.findall(r"^\*\*\d+\.\*\*", "".join(c["source"]), re.M))
+                     for c in tail if c["cell_type"] == "markdown")
+    checked = [(c, tail[i + 1] if i + 1 < len(tail) else None) for i, c in enumerate(tail)
+               if "exercise" in c["metadata"].get("tags", [])]
+    return statements, checked
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_have_the_classroom_shape_and_half_have_checkers(nb):
+    """Each checked exercise: a code cell tagged `exercise` ending in check("name", fn), then a
+    Solution dropdown whose first block is Python; at least half of the exercises are checked."""
+    from diffnotes.exercises import available
+
+    statements, checked = _exercises(nb)
+    assert statements >= 1, f"{nb.name}: no numbered exercise (**1.** ...)"
+    assert 2 * len(checked) >= statements, \
+        f"{nb.name}: {len(checked)} of {statements} exercises have a checker; need half"
+    for cell, sol in checked:
+        src = "".join(cell["source"])
+        m = re.search(r'check\("([^"]+)",\s*\w+\)\s*;?\s*$', src)
+        assert cell["cell_type"] == "code" and m, f"{nb.name}: exercise cell must end in check(...)"
+        assert m.group(1) in available(), f"{nb.name}: no checker named {m.group(1)!r}"
+        text = "".join(sol["source"]) if sol else ""
+        assert sol and sol["cell_type"] == "markdown" and text.lstrip().startswith(
+            ":::{dropdown} Solution"), f"{nb.name}: exercise {m.group(1)} lacks a Solution dropdown"
+        assert re.search(r"```python\n", text), f"{nb.name}: solution of {m.group(1)} has no code"
