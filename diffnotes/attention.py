@@ -1,11 +1,12 @@
 """Attention maps of a diffusers UNet, recorded online while it runs.
 
 Every transformer block of a Stable-Diffusion-style UNet has a self-attention layer (``attn1``:
-queries, keys and values from the image features, seed 000 eqs 1.49-1.50) and a cross-attention
-layer (``attn2``: queries from the image, keys and values from the text, seed 000 eqs 1.46-1.48).
-Both compute the probabilities
+queries, keys and values from the image features, Ahmad's notes, eqs 1.49-1.50) and a
+cross-attention layer (``attn2``: queries from the image, keys and values from the text, Ahmad's
+notes, eqs 1.46-1.48). Both compute the probabilities
 
-    A = softmax(Q K^T / sqrt(d))            (seed 000 eq 1.47; 004 "matrix form")
+    A = softmax(Q K^T / sqrt(d))      (Ahmad's notes, eq 1.47; Vaswani et al. 2017, eq 1; Gormley &
+                                       Chai's lecture, the matrix-form "Cross Attention" slide)
 
 of shape ``(B * heads, h * w, M)``; row ``i * w + j`` is latent pixel ``(i, j)`` (diffusers
 flattens row-major) and column ``m`` is key token ``m`` (a prompt token for cross-attention, a
@@ -36,13 +37,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils import check_choice, check_int, check_range
+
 __all__ = [
-    "RecordingAttnProcessor", "AttentionStore", "LayerInfo",
+    "RecordingAttnProcessor", "AttentionStore", "AttentionCollector", "LayerInfo",
     "tokenize_prompt", "prompt_words", "word_token_indices",
     "upsample", "normalize_map", "overlay", "generate_with_attention",
 ]
 
 _KINDS = ("cross", "self")
+
+
+def _check_kinds(kinds) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in _KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty subset of {_KINDS}, got {kinds!r}")
+    return kinds
+
+
+def _check_rows(rows):
+    if not (rows in ("all", "cond", "uncond") or (
+            isinstance(rows, (list, tuple)) and all(isinstance(r, int) for r in rows))):
+        raise ValueError(f"rows must be 'all', 'cond', 'uncond' or a list of ints, got {rows!r}")
+    return rows
 
 
 # ---------------------------------------------------------------------------- the processor
@@ -51,7 +68,7 @@ class RecordingAttnProcessor:
 
     ``__call__`` is line for line the computation of ``diffusers.models.attention_processor.
     AttnProcessor`` (so outputs are equal to it bit for bit): Q = W_Q f, K = W_K c, V = W_V c
-    (seed 000 eq 1.48; c = f for self-attention, eq 1.50), A = softmax(QK^T/sqrt d) (eq 1.47,
+    (Ahmad's notes, eq 1.48; c = f for self-attention, eq 1.50), A = softmax(QK^T/sqrt d) (eq 1.47,
     via ``attn.get_attention_scores``), out = W_O (A V). Only the extra line
     ``self.store._record(...)`` differs; it does not touch the output.
     """
@@ -111,6 +128,30 @@ class RecordingAttnProcessor:
         return hidden_states
 
 
+# ---------------------------------------------------------------------------- the collector
+class AttentionCollector:
+    """The attention probabilities of the current UNet call, kept with their autograd graph, for
+    a loss on attention maps while training (``diffnotes.models.train``'s attention/mask loss).
+
+    Fed by :class:`RecordingAttnProcessor` like an :class:`AttentionStore`: while ``active``,
+    ``maps`` gains, in forward order, each recorded layer's head-averaged probabilities, shape
+    ``(B, h*w, M)``, not detached. Empty ``maps`` (``collector.maps = []``) before each call.
+    """
+
+    def __init__(self, kinds: Sequence[str] = ("cross",), active: bool = True):
+        self.kinds = _check_kinds(kinds)
+        self.active = active
+        self.maps: list[torch.Tensor] = []
+
+    def _wants(self, is_cross: bool, n_query: int) -> bool:
+        return ("cross" if is_cross else "self") in self.kinds
+
+    def _record(self, name: str, attn, probs: torch.Tensor, is_cross: bool) -> None:
+        if self.active and self._wants(is_cross, probs.shape[1]):
+            bh, n_q, n_k = probs.shape
+            self.maps.append(probs.view(bh // attn.heads, attn.heads, n_q, n_k).mean(1))
+
+
 # ---------------------------------------------------------------------------- the store
 @dataclass
 class LayerInfo:
@@ -156,8 +197,8 @@ class AttentionStore:
     ----------
     kinds : which layers to record, a subset of ``("cross", "self")``.
     rows : batch rows to keep: ``"all"``, ``"cond"`` (the second half of the batch: the
-        prompt rows of a classifier-free-guidance batch ``cat([uncond, cond])``, seed 000 eq
-        1.44), ``"uncond"`` (the first half), or a list of row indices.
+        prompt rows of a classifier-free-guidance batch ``cat([uncond, cond])``, Ahmad's notes,
+        eq 1.44), ``"uncond"`` (the first half), or a list of row indices.
     store_steps : also keep each step's map, for layers with ``max(h, w) <= step_max_res``.
     step_max_res : see ``store_steps``.
     self_max_res : self-attention layers above this resolution are not recorded (a 64×64 layer
@@ -175,20 +216,10 @@ class AttentionStore:
 
     def __init__(self, kinds: Sequence[str] = ("cross",), rows="all", store_steps: bool = False,
                  step_max_res: int = 16, self_max_res: int = 32):
-        if isinstance(kinds, str):
-            kinds = (kinds,)
-        kinds = tuple(kinds)
-        if not kinds or any(k not in _KINDS for k in kinds):
-            raise ValueError(f"kinds must be a non-empty subset of {_KINDS}, got {kinds!r}")
-        if not (rows in ("all", "cond", "uncond") or (
-                isinstance(rows, (list, tuple)) and all(isinstance(r, int) for r in rows))):
-            raise ValueError(f"rows must be 'all', 'cond', 'uncond' or a list of ints, got {rows!r}")
-        for nm, v in (("step_max_res", step_max_res), ("self_max_res", self_max_res)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{nm} must be a positive int, got {v!r}")
-        self.kinds, self.rows = kinds, rows
-        self.store_steps, self.step_max_res, self.self_max_res = store_steps, step_max_res, \
-            self_max_res
+        self.kinds, self.rows = _check_kinds(kinds), _check_rows(rows)
+        self.store_steps = store_steps
+        self.step_max_res = check_int(step_max_res, "step_max_res", min=1)
+        self.self_max_res = check_int(self_max_res, "self_max_res", min=1)
         self._unet = None
         self._saved = None
         self._hook = None
@@ -375,8 +406,7 @@ class AttentionStore:
         Steps: all (running sums), or ``steps`` = ``(start, stop)`` / list of step indices.
         Raises ``ValueError`` when nothing matches.
         """
-        if kind not in _KINDS:
-            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        check_choice(kind, "kind", _KINDS)
         if layers is not None:
             names = list(layers)
             bad = [n for n in names if n not in self.sums]
@@ -616,8 +646,7 @@ def overlay(image, heatmap, alpha: float = 0.5, cmap: str = "jet", normalize: bo
     """
     import matplotlib
 
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    alpha = check_range(alpha, "alpha", 0, 1)
     img = _image_array(image)
     h = torch.as_tensor(np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor)
                                    else heatmap), dtype=torch.float64)
@@ -637,7 +666,7 @@ def generate_with_attention(pipe, prompt: str, num_inference_steps: int = 20,
     """Run a diffusers text-to-image pipeline once and record its attention.
 
     Keeps only the prompt rows when the pipeline uses classifier-free guidance
-    (``guidance_scale > 1``, seed 000 eq 1.44). Returns ``(image, store)``: the first PIL image
+    (``guidance_scale > 1``, Ahmad's notes, eq 1.44). Returns ``(image, store)``: the first PIL image
     and the :class:`AttentionStore` (detached from the UNet again).
     """
     if not isinstance(prompt, str):

@@ -1,7 +1,7 @@
 """DDIM: the non-Markovian sampler, its ODE, and inversion.
 
-Seed 000 §1.2–1.3 (eqs 1.9–1.26); 003 L138–214. ``t`` is a 0-based index into
-``alphas_cumprod``; time-step lists run from high noise to low; after the last step
+Ahmad's notes, §1.2–1.3 (eqs 1.9–1.26); Song et al. 2021 (DDIM); Zhu's slides on DDIM.
+``t`` is a 0-based index into ``alphas_cumprod``; time-step lists run from high noise to low; after the last step
 ᾱ_prev = 1 (the sample is clean), as in diffusers' ``DDIMScheduler(set_alpha_to_one=True)``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .ddpm import _check_alphas_cumprod, predict_x0
-from .utils import check_decreasing, check_finite, check_same_shape, check_tensor
+from .utils import batch_timesteps, check_decreasing, check_finite, check_same_shape, check_tensor
 
 __all__ = ["ddim_sigma", "ddim_step", "ddim_sample", "ddim_invert", "ode_coords",
            "from_ode_coords", "ode_sample"]
@@ -28,9 +28,9 @@ def _alpha(value, name: str) -> float:
 
 
 def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float):
-    """σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (DDIM paper eq 16; 003 L181).
+    """σ_t(η) = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev) (DDIM eq 16; Zhu's slides, "DDIM: Sampling from Generalized Generative Processes").
 
-    η = 1 gives σ_t² = β̃_t, the DDPM posterior variance (so the corrected seed eq 1.24 has no
+    η = 1 gives σ_t² = β̃_t, the DDPM posterior variance (so the corrected eq 1.24 of Ahmad's notes has no
     square root); η = 0 gives the deterministic sampler.
     """
     a, ap = _alpha(alpha_bar_t, "alpha_bar_t"), _alpha(alpha_bar_prev, "alpha_bar_prev")
@@ -44,7 +44,7 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float):
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t, alpha_bar_prev,
               eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One generalized step x_t → x_prev (seed 000, eq 1.21):
+    """One generalized step x_t → x_prev (Ahmad's notes, eq 1.21; DDIM eq 12):
 
     x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ_t²) · ε + σ_t · noise,  x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t.
 
@@ -65,17 +65,18 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t, alpha_bar_prev,
     return x_prev
 
 
-def _batch_t(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-
-
 def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int],
                 alphas_cumprod: torch.Tensor, eta: float = 0.0,
                 generator: torch.Generator | None = None, progress: bool = False,
-                return_trajectory: bool = False):
-    """DDIM sampling along ``timesteps`` (decreasing), ending at ᾱ = 1 (seed 000, eq 1.21).
+                return_trajectory: bool = False, callback: Callable[[dict], None] | None = None):
+    """DDIM sampling along ``timesteps`` (decreasing), ending at ᾱ = 1 (Ahmad's notes, eq 1.21; DDIM eq 12).
 
     Noise for η > 0 is drawn from ``generator`` as diffusers' ``DDIMScheduler.step`` draws it.
+    ``eps_model(x, t)`` is any callable; it receives ``t`` as a (B,) long tensor (one index per
+    row of x). ``callback``, if given, is called once per step, before the step, with
+    ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, its time step t (an int), the
+    current x_t, the predicted x̂_0 (eq 1.6) and ε_θ(x_t, t), as in k-diffusion's samplers; it
+    only looks (the result is the same with and without it).
     Returns x_0, or ``(x_0, [x_T, …, x_0])`` with ``return_trajectory=True``.
     """
     check_tensor(x_T, "x_T")
@@ -89,7 +90,9 @@ def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int]
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="DDIM", leave=False)):
         a_prev = acl[ts[i + 1]] if i + 1 < len(ts) else 1.0
         with torch.no_grad():
-            eps = eps_model(x, _batch_t(t, x))
+            eps = eps_model(x, batch_timesteps(t, x))
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, acl[t]), eps=eps))
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
@@ -103,21 +106,30 @@ def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int]
 
 def ddim_invert(eps_model: EpsModel, x_0: torch.Tensor, timesteps: Sequence[int],
                 alphas_cumprod: torch.Tensor, progress: bool = False,
-                return_trajectory: bool = False):
-    """Deterministic DDIM inversion x_0 → x_{timesteps[0]} (seed 000 §1.3, eq 1.26).
+                return_trajectory: bool = False, callback: Callable[[dict], None] | None = None):
+    """Deterministic DDIM inversion x_0 → x_{timesteps[0]} (Ahmad's notes, §1.3, eq 1.26, sign corrected).
 
     The η = 0 step run backwards along ``reversed(timesteps)``: to go from level ᾱ_s up to ᾱ_t
     we use ε_θ(x_s, t) in place of the unknown ε_θ(x_t, t) — the usual approximation, exact in
     the limit of small steps. Returns x at the highest time step (or the trajectory too).
+
+    ``eps_model(x, t)`` is any callable; it receives ``t`` as a (B,) long tensor (one index per
+    row of x). ``callback``, if given, is called once per step (steps run from low noise up),
+    before the step, with ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, the time step
+    t (an int) the model is asked at, the current x (one level below t), the predicted x̂_0
+    (eq 1.6 at x's level) and ε_θ(x, t); it only looks (the result is the same without it).
     """
     check_tensor(x_0, "x_0")
     ac = _check_alphas_cumprod(alphas_cumprod)
     ts = check_decreasing(timesteps, len(ac))
     acl = ac.tolist()
     x, a_from, traj = x_0, 1.0, [x_0]
-    for t in tqdm(ts[::-1], disable=not progress, desc="DDIM inversion", leave=False):
+    for i, t in enumerate(tqdm(ts[::-1], disable=not progress, desc="DDIM inversion",
+                               leave=False)):
         with torch.no_grad():
-            eps = eps_model(x, _batch_t(t, x))
+            eps = eps_model(x, batch_timesteps(t, x))
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, a_from), eps=eps))
         x = ddim_step(x, eps, a_from, acl[t])   # eq 1.22 with the roles of the levels swapped
         a_from = acl[t]
         if return_trajectory:
@@ -126,7 +138,7 @@ def ddim_invert(eps_model: EpsModel, x_0: torch.Tensor, timesteps: Sequence[int]
 
 
 def ode_coords(x_t: torch.Tensor, alpha_bar):
-    """(u, τ) of seed 000 eq 1.25: u = x_t / √ᾱ_t and τ = √((1−ᾱ_t)/ᾱ_t)."""
+    """(u, τ) of Ahmad's notes, eq 1.25 (DDIM eq 14): u = x_t / √ᾱ_t and τ = √((1−ᾱ_t)/ᾱ_t)."""
     a = _alpha(alpha_bar, "alpha_bar")
     return x_t / a ** 0.5, ((1 - a) / a) ** 0.5
 
@@ -140,13 +152,20 @@ def from_ode_coords(u: torch.Tensor, tau: float):
 
 
 def ode_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int],
-               alphas_cumprod: torch.Tensor, method: str = "euler", progress: bool = False):
-    """Integrate du/dτ = ε_θ(u/√(1+τ²), t(τ)) from τ(timesteps[0]) down to τ = 0 (seed 000, eq 1.25).
+               alphas_cumprod: torch.Tensor, method: str = "euler", progress: bool = False,
+               callback: Callable[[dict], None] | None = None):
+    """Integrate du/dτ = ε_θ(u/√(1+τ²), t(τ)) from τ(timesteps[0]) down to τ = 0 (Ahmad's notes, eq 1.25; DDIM eq 14).
 
     ``"euler"``: u ← u + (τ_next − τ) ε — algebraically the η = 0 DDIM step (eq 1.22).
     ``"heun"``: the explicit trapezoidal rule, a second ε evaluation at the next grid point;
     the last step (to τ = 0, where the model has no time index) is an Euler step, as in Karras
     et al.'s Algorithm 1. Heun costs 2·len(timesteps) − 1 model calls.
+
+    ``eps_model(x, t)`` is any callable; it receives ``t`` as a (B,) long tensor (one index per
+    row of x). ``callback``, if given, is called once per step, before the step, with
+    ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, its time step t (an int), the
+    current x_t = u/√(1+τ²), the predicted x̂_0 (eq 1.6) and ε_θ(x_t, t) (for Heun, the first of
+    the step's two evaluations); it only looks (the result is the same with and without it).
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
@@ -158,10 +177,14 @@ def ode_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int],
     for i, t in enumerate(tqdm(ts, disable=not progress, desc=f"ODE ({method})", leave=False)):
         h = taus[i + 1] - taus[i]
         with torch.no_grad():
-            d1 = eps_model(from_ode_coords(u, taus[i])[0], _batch_t(t, u))
+            x_t = from_ode_coords(u, taus[i])[0]
+            d1 = eps_model(x_t, batch_timesteps(t, u))
+            if callback is not None:
+                callback(dict(i=i, t=t, x=x_t, x0_hat=predict_x0(x_t, d1, float(ac[t])), eps=d1))
             if method == "heun" and i + 1 < len(ts):
                 u_pred = u + h * d1
-                d2 = eps_model(from_ode_coords(u_pred, taus[i + 1])[0], _batch_t(ts[i + 1], u))
+                d2 = eps_model(from_ode_coords(u_pred, taus[i + 1])[0],
+                               batch_timesteps(ts[i + 1], u))
                 u = u + h * (d1 + d2) / 2
             else:
                 u = u + h * d1                                   # du = dτ · ε, eq 1.25

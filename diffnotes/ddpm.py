@@ -1,10 +1,10 @@
 """DDPM: the forward kernel, the true posterior, the ε-loss and ancestral sampling.
 
-Seed 000 §1.1 (eqs 1.1–1.8, Algorithms 1–2); 003 L18–136. ``t`` is a 0-based index into the
-schedule (diffusers' convention): ``alphas_cumprod[t]`` is the seed's ᾱ_{t+1}, and "ᾱ_{t−1}" at
+Ahmad's notes, §1.1 (eqs 1.1–1.8, Algorithms 1–2); Ho et al. 2020; Zhu's slides on DDPM.
+``t`` is a 0-based index into the schedule (diffusers' convention): ``alphas_cumprod[t]`` is the notes' ᾱ_{t+1}, and "ᾱ_{t−1}" at
 ``t = 0`` is 1 (no noise left).
 
-The seed's Algorithms 1–2 print α_t where ᾱ_t is meant (√α_t x_0 + √(1−α_t) ε in training and
+Algorithms 1–2 of Ahmad's notes print α_t where ᾱ_t is meant (√α_t x_0 + √(1−α_t) ε in training and
 (1−α_t)/√(1−α_t) in sampling); eq 1.7 prints 1/√ᾱ_t where 1/√α_t is meant. The code uses the
 corrected forms; ``book/errata.md`` shows the checks.
 """
@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedules import alphas_cumprod as _cumprod
-from .utils import check_same_shape, check_tensor, check_timestep, gather
+from .utils import batch_timesteps, check_same_shape, check_tensor, check_timestep, gather
 
 __all__ = ["q_sample", "predict_x0", "posterior_mean_variance", "ddpm_loss", "ddpm_step",
            "ddpm_sample"]
@@ -40,7 +40,7 @@ def _check_alphas_cumprod(ac) -> torch.Tensor:
 
 def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor,
              noise: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε — a draw from q(x_t | x_0) (seed 000, eqs 1.2–1.3).
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε — a draw from q(x_t | x_0) (Ahmad's notes, eqs 1.2–1.3; Ho et al. 2020, eq 4).
 
     ``t`` is an int or a (B,) integer tensor (one index per batch row); ``noise`` has x0's shape.
     """
@@ -57,13 +57,14 @@ def q_sample(x0: torch.Tensor, t, alphas_cumprod: torch.Tensor,
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t) -> torch.Tensor:
-    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t: eq 1.2 solved for x_0 (seed 000, eq 1.6)."""
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t: eq 1.2 solved for x_0 (Ahmad's notes, eq 1.6)."""
     alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=x_t.dtype, device=x_t.device)
     return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
 
 
 def posterior_mean_variance(x0: torch.Tensor, x_t: torch.Tensor, t, betas: torch.Tensor):
-    """Mean and variance of q(x_{t−1} | x_t, x_0) (seed 003 L55–71; 000 eq 1.5).
+    """Mean and variance of q(x_{t−1} | x_t, x_0) (Ho et al. 2020, eqs 6–7; Zhu's slides,
+    "DDPM: Reverse Diffusion Process"; Ahmad's notes, eq 1.5).
 
     μ̃ = √ᾱ_{t−1} β_t / (1−ᾱ_t) · x_0 + √α_t (1−ᾱ_{t−1}) / (1−ᾱ_t) · x_t,
     β̃_t = (1−ᾱ_{t−1}) / (1−ᾱ_t) · β_t,  with ᾱ_{t−1} = 1 at t = 0 (so β̃ = 0 there).
@@ -85,7 +86,7 @@ def posterior_mean_variance(x0: torch.Tensor, x_t: torch.Tensor, t, betas: torch
 
 def ddpm_loss(eps_model: EpsModel, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_simple = E_{t, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (seed 000, eq 1.8; Algorithm 1).
+    """L_simple = E_{t, ε} ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t)‖² (Ahmad's notes, eq 1.8 and Algorithm 1; Ho et al. 2020, eq 14).
 
     One uniformly drawn ``t`` and one ε per batch row; returns the mean over rows and elements.
     """
@@ -99,14 +100,16 @@ def ddpm_loss(eps_model: EpsModel, x0: torch.Tensor, alphas_cumprod: torch.Tenso
 
 def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tensor,
               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-              variance: str = "small") -> torch.Tensor:
-    """One ancestral step x_t → x_{t−1} (seed 000, Algorithm 2, with ᾱ where the seed prints α):
+              variance: str = "small", eps: torch.Tensor | None = None) -> torch.Tensor:
+    """One ancestral step x_t → x_{t−1} (Ahmad's notes, Algorithm 2, with ᾱ where the notes print α;
+    Ho et al. 2020, Algorithm 2 and eq 11):
 
     x_{t−1} = (x_t − β_t/√(1−ᾱ_t) · ε_θ(x_t, t)) / √α_t + σ_t z,   z = 0 at the last step (t = 0).
 
     ``variance="small"`` takes σ_t² = β̃_t (diffusers' ``"fixed_small"``), ``"large"`` σ_t² = β_t.
     The noise is ``noise`` if given, else drawn from ``generator`` exactly as diffusers'
-    ``DDPMScheduler.step`` draws it, so the two agree step for step.
+    ``DDPMScheduler.step`` draws it, so the two agree step for step. ``eps_model`` receives ``t``
+    as a (B,) long tensor; ``eps``, if given, is its output already computed (not called again).
     """
     check_tensor(x_t, "x_t")
     betas = _check_betas(betas)
@@ -118,7 +121,8 @@ def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tenso
     ac = _cumprod(betas)
     b, a = betas[t].item(), ac[t].item()
     a_prev = ac[t - 1].item() if t > 0 else 1.0
-    eps = eps_model(x_t, torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device))
+    if eps is None:
+        eps = eps_model(x_t, batch_timesteps(t, x_t))
     check_same_shape(x_t, eps, "x_t", "eps_model(x_t, t)")
     mean = (x_t - b / (1 - a) ** 0.5 * eps) / (1 - b) ** 0.5  # Algorithm 2, line 4
     if t == 0:
@@ -134,17 +138,28 @@ def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tenso
 
 def ddpm_sample(eps_model: EpsModel, x_T: torch.Tensor, betas: torch.Tensor,
                 generator: torch.Generator | None = None, variance: str = "small",
-                progress: bool = True, return_trajectory: bool = False):
-    """Ancestral sampling through all T steps, t = T−1 … 0 (seed 000, Algorithm 2).
+                progress: bool = True, return_trajectory: bool = False,
+                callback: Callable[[dict], None] | None = None):
+    """Ancestral sampling through all T steps, t = T−1 … 0 (Ahmad's notes, Algorithm 2; Ho et al. 2020, Algorithm 2).
 
+    ``eps_model(x, t)`` is any callable; it receives ``t`` as a (B,) long tensor (one index per
+    row of x). ``callback``, if given, is called once per step, before the step, with
+    ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, its time step t (an int), the
+    current x_t, the predicted x̂_0 (eq 1.6) and ε_θ(x_t, t), as in k-diffusion's samplers; it
+    only looks (the samples are the same with and without it).
     Returns x_0, or ``(x_0, [x_T, …, x_0])`` with ``return_trajectory=True``.
     """
     betas = _check_betas(betas)
     check_tensor(x_T, "x_T")
+    ac = _cumprod(betas)
     x, traj = x_T, [x_T]
-    for t in tqdm(range(len(betas) - 1, -1, -1), disable=not progress, desc="DDPM", leave=False):
+    steps = range(len(betas) - 1, -1, -1)
+    for i, t in enumerate(tqdm(steps, disable=not progress, desc="DDPM", leave=False)):
         with torch.no_grad():
-            x = ddpm_step(eps_model, x, t, betas, generator=generator, variance=variance)
+            eps = eps_model(x, batch_timesteps(t, x))
+            if callback is not None:
+                callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, ac[t].item()), eps=eps))
+            x = ddpm_step(eps_model, x, t, betas, generator=generator, variance=variance, eps=eps)
         if return_trajectory:
             traj.append(x)
     return (x, traj) if return_trajectory else x

@@ -1,20 +1,20 @@
 """Part I derivations as sympy computations.
 
-Each function builds the algebra of one derivation in the seeds, checks the identities it claims
+Each function builds the algebra of one derivation in the source documents, checks the identities it claims
 (raising ``AssertionError`` if sympy cannot confirm one, which would mean a bug here, not in the
 reader's input), and returns a ``dict`` of sympy expressions that the chapters print.
 
 Symbols are positive reals with LaTeX names, so ``sympy.latex`` renders them as the book writes
 them. Where the DDPM chain is involved, the derivation works in the two free quantities α_t and
 ᾱ_{t−1} and substitutes ᾱ_t = α_t ᾱ_{t−1}, β_t = 1 − α_t; the returned "closed form" entries are
-written in (β_t, ᾱ_t, ᾱ_{t−1}) as the seeds print them, and :func:`to_chain` maps them back.
+written in (β_t, ᾱ_t, ᾱ_{t−1}) as the source documents print them, and :func:`to_chain` maps them back.
 
 Functions (seed references in each docstring):
 
-- :func:`ddpm_posterior` — q(x_{t−1} | x_t, x_0) by completing the square (003 L55–71; 000 eqs
-  1.5–1.7).
+- :func:`ddpm_posterior` — q(x_{t−1} | x_t, x_0) by completing the square (Zhu's slides, "DDPM: Reverse
+  Diffusion Process"; Ahmad's notes, eqs 1.5–1.7; Ho et al. 2020, eqs 6–7).
 - :func:`simple_loss_weight` — the weight that eq 1.8 drops between L_{t−1} and L_simple.
-- :func:`ddim_family` — k_t and λ_t from eq 1.15 (000 eqs 1.10–1.21).
+- :func:`ddim_family` — k_t and λ_t from eq 1.15 (Ahmad's notes, eqs 1.10–1.21).
 - :func:`ddim_sigma_for_ddpm` — the σ_t² that turns DDIM into DDPM, against eq 1.24 as printed.
 - :func:`ddim_euler` — the η = 0 DDIM step as an Euler step of eq 1.25, and the sign of eq 1.26.
 - :func:`gaussian_ode` — eq 1.25 for Gaussian data, solved in closed form.
@@ -104,7 +104,8 @@ def _check(expr, what: str) -> None:
 
 # ------------------------------------------------------------------------------- DDPM
 def ddpm_posterior() -> dict:
-    """q(x_{t−1} | x_t, x_0) by completing the square (seed 003 L55–71; seed 000 eqs 1.5–1.7).
+    """q(x_{t−1} | x_t, x_0) by completing the square (Zhu's slides, "DDPM: Reverse Diffusion Process";
+    Ahmad's notes, eqs 1.5–1.7; Ho et al. 2020, eqs 6–7).
 
     Bayes: q(x_{t−1} | x_t, x_0) ∝ q(x_t | x_{t−1}) q(x_{t−1} | x_0) / q(x_t | x_0), three
     Gaussians (eqs 1.1 and 1.3). Twice the negative log is a quadratic A x_{t−1}² − 2B x_{t−1} + C
@@ -158,7 +159,8 @@ def ddpm_posterior() -> dict:
 
 
 def simple_loss_weight() -> dict:
-    """The per-t weight between L_{t−1} and L_simple (seed 000, eq 1.8; 003 L79–93).
+    """The per-t weight between L_{t−1} and L_simple (Ahmad's notes, eq 1.8; Zhu's slides,
+    "DDPM: Parameterization for Training Loss"; Ho et al. 2020, eqs 12 and 14).
 
     With μ_θ = (x_t − β_t ε_θ/√(1−ᾱ_t))/√α_t and Σ_θ = σ_t² I, the KL term of the VLB is
     ‖μ̃ − μ_θ‖²/(2σ_t²) = w_t ‖ε − ε_θ‖² with w_t = β_t² / (2 σ_t² α_t (1−ᾱ_t)). Eq 1.8 writes the
@@ -177,7 +179,8 @@ def simple_loss_weight() -> dict:
 
 # ------------------------------------------------------------------------------- DDIM
 def ddim_family() -> dict:
-    """The DDIM family: solve eq 1.15 for k_t and λ_t (seed 000, eqs 1.10–1.21; 003 L146–150).
+    """The DDIM family: solve eq 1.15 for k_t and λ_t (Ahmad's notes, eqs 1.10–1.21; Zhu's slides,
+    "DDIM: Variational Inference for Non-Markovian Forward Processes"; DDIM eq 7).
 
     Ansatz (eqs 1.10–1.11, with σ_t ε, not σ_t² ε as eq 1.11 prints):
     x_{t−1} = k_t x_t + λ_t x_0 + σ_t ε with x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε' (eq 1.12) and ε, ε'
@@ -227,7 +230,8 @@ def ddim_family() -> dict:
 
 
 def ddim_sigma_for_ddpm() -> dict:
-    """The σ_t² that makes the DDIM kernel the DDPM posterior (seed 000, eq 1.24; 003 L181).
+    """The σ_t² that makes the DDIM kernel the DDPM posterior (Ahmad's notes, eq 1.24; Zhu's slides,
+    "DDIM: Sampling from Generalized Generative Processes"; DDIM eq 16).
 
     Match the x_t coefficient of the DDIM mean (eq 1.17) to that of the DDPM posterior mean
     (:func:`ddpm_posterior`) and solve for σ_t²; then check the x_0 coefficients agree too. The
@@ -272,7 +276,8 @@ def ddim_sigma_for_ddpm() -> dict:
 
 
 def ddim_euler() -> dict:
-    """The η = 0 DDIM step is an Euler step of eq 1.25 (seed 000, eqs 1.22 and 1.25–1.26).
+    """The η = 0 DDIM step is an Euler step of eq 1.25 (Ahmad's notes, eqs 1.22 and 1.25–1.26;
+    DDIM eqs 13–14).
 
     With u = x/√ᾱ and τ = √((1−ᾱ)/ᾱ), eq 1.22 rearranges to u_s − u_t = (τ_s − τ_t) ε_θ(x_t, t):
     one Euler step of du/dτ = ε_θ(u/√(1+τ²), τ) from τ_t to τ_s. Here s is the next (lower)
@@ -286,7 +291,7 @@ def ddim_euler() -> dict:
     ``inversion_step`` (the η = 0 step from level s up to t, as ``ddim_invert`` takes it),
     ``inversion_euler`` (Euler with +dτ), ``inversion_printed_1_26`` (Euler with −dτ),
     ``printed_1_26_minus_correct`` (not 0), and ``difference_quotient``: the limit of
-    (τ(t−Δt) − τ(t))/Δt, which is −dτ/dt (the seed writes +dτ/dt; the sign cancels between the
+    (τ(t−Δt) − τ(t))/Δt, which is −dτ/dt (Ahmad's notes write +dτ/dt; the sign cancels between the
     two sides).
     """
     x = sp.Symbol("x", real=True)

@@ -1,8 +1,8 @@
 """Dense image features for the recognition chapters: diffusion features and a cheap baseline.
 
 Diffusion features (the theme of the book's recognition part): encode the image with the VAE,
-noise the latent to a moderate time step t (``z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps``, seed
-000 eq 1.8 in latent space), run the UNet once and keep the output of one or more of its blocks
+noise the latent to a moderate time step t (``z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps``,
+Ahmad's notes, eq 1.38), run the UNet once and keep the output of one or more of its blocks
 through forward hooks. A denoiser has to know what is where to remove the noise, so its decoder
 activations carry object and part information at the latent's resolution.
 
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffnotes.utils import check_tensor, check_timestep
+from diffnotes.ddpm import q_sample
+from diffnotes.utils import batch_timesteps, check_tensor, check_timestep
 
 __all__ = ["as_image_tensor", "diffusion_features", "unet_block_outputs", "random_conv_features",
            "pixel_features"]
@@ -98,18 +99,19 @@ def diffusion_features(pipe, images, t: int = 200, blocks=("up_blocks.0",), prom
     x = as_image_tensor(images)
     T = len(scheduler.alphas_cumprod)
     t = check_timestep(t, T, "t")
-    ab = scheduler.alphas_cumprod[t].to(torch.float32)
     ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    ctx = text_encoder(ids)[0]
+    ctx = text_encoder(ids.to(text_encoder.device))[0]
     sf = getattr(vae.config, "scaling_factor", 1.0)
     out = []
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size] * 2 - 1
+        xb = (x[i:i + batch_size] * 2 - 1).to(device=vae.device, dtype=vae.dtype)
         z0 = vae.encode(xb).latent_dist.mean * sf
-        eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype)
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # forward process in latent space
-        feats = unet_block_outputs(unet, zt, torch.full((zt.shape[0],), t, dtype=torch.long),
+        eps = torch.randn(z0.shape, generator=generator, dtype=z0.dtype,
+                          device=generator.device if generator is not None else "cpu"
+                          ).to(z0.device)
+        zt = q_sample(z0, t, scheduler.alphas_cumprod, eps)  # forward process, in latent space
+        feats = unet_block_outputs(unet, zt, batch_timesteps(t, zt),
                                    ctx.expand(zt.shape[0], -1, -1), blocks)
         size = max(f.shape[-1] for f in feats) if out_size is None else out_size
         feats = [f if f.shape[-1] == size else

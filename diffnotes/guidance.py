@@ -1,19 +1,21 @@
 """Guidance: steering a diffusion model towards a condition at sampling time.
 
-Seed 000 §1.4 (eqs 1.27–1.36 and eq 1.44 of §1.5); seed 001 §2 (the unified view, classifier
-guidance, classifier-free guidance, multi-condition guidance with per-channel dropout).
+Ahmad's notes, §1.4 (eqs 1.27–1.36) and eq 1.44 of §1.5.1; the controlled-generation blog, §2
+(the unified view, classifier guidance, classifier-free guidance, multi-condition guidance with
+per-channel dropout).
 
-All rules are written on ε-predictions. With ε = −√(1−ᾱ_t) ∇ log p_t (seed 003 L244), adding
-``scale · ∇ log p_t(y | x_t)`` to the score is subtracting ``scale · √(1−ᾱ_t) ∇ log p_t(y | x_t)``
+All rules are written on ε-predictions. With ε = −√(1−ᾱ_t) ∇ log p_t (Zhu's slides, "SDE-based
+Generative Models: DDPM and SDE point of views"), adding ``scale · ∇ log p_t(y | x_t)`` to the
+score is subtracting ``scale · √(1−ᾱ_t) ∇ log p_t(y | x_t)``
 from ε:
 
-- :func:`classifier_guidance`: ε − s √(1−ᾱ_t) ∇ log p_φ(y | x_t)               (000 eq 1.30, corrected)
-- :func:`cfg`: ε_u + s (ε_c − ε_u)                                              (000 eq 1.44)
-- :func:`multi_cfg`: ε_u + Σ_k s_k (ε_k − ε_u)                                   (001 §2.4.3)
+- :func:`classifier_guidance`: ε − s √(1−ᾱ_t) ∇ log p_φ(y | x_t) (Ahmad's notes, eq 1.30, corrected)
+- :func:`cfg`: ε_u + s (ε_c − ε_u)                               (Ahmad's notes, eq 1.44)
+- :func:`multi_cfg`: ε_u + Σ_k s_k (ε_k − ε_u)                    (the blog, §2.4.3)
 
 **Two conventions for the guidance weight.** ``scale`` here is diffusers' ``guidance_scale``:
 ``scale = 0`` is the unconditional model, ``scale = 1`` the conditional one. Ho & Salimans
-(and seed 000 eq 1.36) write (w + 1) ε_c − w ε_u, whose w is ``scale − 1``
+(and Ahmad's notes, eq 1.36) write (w + 1) ε_c − w ε_u, whose w is ``scale − 1``
 (:func:`scale_from_ho_salimans`, :func:`ho_salimans_from_scale`). Both describe the same
 target: the score of p_t(x) · p_t(y | x)^scale.
 
@@ -27,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .utils import check_finite, check_same_shape, check_tensor
+from .utils import (batch_timesteps, check_callable, check_finite, check_int, check_range,
+                    check_same_shape, check_tensor)
 
 __all__ = [
     "cfg", "classifier_guidance", "multi_cfg", "guided_eps_model", "classifier_grad",
@@ -72,11 +75,68 @@ def _check_eps_pair(a, b, name_a, name_b):
     check_same_shape(a, b, name_a, name_b)
 
 
+def _noise_level(alpha_bar_t, like: torch.Tensor):
+    """√(1−ᾱ_t) for ᾱ_t in (0, 1]: a float, or for a (B,) tensor one value per row of ``like``,
+    shaped (B, 1, …, 1)."""
+    if isinstance(alpha_bar_t, torch.Tensor) and alpha_bar_t.ndim > 0:
+        a = alpha_bar_t.to(dtype=like.dtype, device=like.device)
+        if not bool(((a > 0) & (a <= 1)).all()):
+            raise ValueError(f"alpha_bar_t must lie in (0, 1], got values in "
+                             f"[{float(a.min())}, {float(a.max())}]")
+        if a.ndim == 1 and like.ndim > 1:
+            if a.shape[0] != like.shape[0]:
+                raise ValueError(f"alpha_bar_t must be a number or hold one value per batch "
+                                 f"row ({like.shape[0]}), got shape {tuple(a.shape)}")
+            a = a.reshape(-1, *([1] * (like.ndim - 1)))
+        return (1 - a).sqrt()
+    return math.sqrt(1 - check_range(alpha_bar_t, "alpha_bar_t", 0, 1, lo_open=True))
+
+
+def _check_eps_list(eps_uncond, eps_conds) -> list:
+    """``eps_conds`` (a list of tensors or a stacked (K, …) tensor) as a list of tensors, each of
+    ``eps_uncond``'s shape."""
+    check_tensor(eps_uncond, "eps_uncond")
+    if isinstance(eps_conds, torch.Tensor):
+        if eps_conds.ndim != eps_uncond.ndim + 1:
+            raise ValueError(f"eps_conds must be a list of tensors or a stacked tensor of shape "
+                             f"(K, {', '.join(map(str, eps_uncond.shape))}), got shape "
+                             f"{tuple(eps_conds.shape)}")
+        eps_conds = list(eps_conds)
+    if not isinstance(eps_conds, (list, tuple)):
+        raise TypeError(f"eps_conds must be a list or tuple of tensors, got "
+                        f"{type(eps_conds).__name__}")
+    for k, e in enumerate(eps_conds):
+        _check_eps_pair(eps_uncond, e, "eps_uncond", f"eps_conds[{k}]")
+    return list(eps_conds)
+
+
+def _check_scales(scales, n: int, like: torch.Tensor, name: str = "scales") -> list:
+    """One guidance weight per condition (``n``), each as :func:`_check_scale` takes it."""
+    if isinstance(scales, torch.Tensor):
+        scales = list(scales) if scales.ndim > 0 else [scales]
+    if not isinstance(scales, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple with one weight per condition, got "
+                        f"{type(scales).__name__}")
+    if len(scales) != n:
+        raise ValueError(f"{name} must have one weight per entry of eps_conds ({n}), got "
+                         f"{len(scales)}")
+    return [_check_scale(w, f"{name}[{k}]", like) for k, w in enumerate(scales)]
+
+
+def _check_finite_scale(s, name: str):
+    """A guidance weight known before the model runs: a finite number or a finite tensor."""
+    if isinstance(s, torch.Tensor):
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{name} must be finite, got a tensor containing non-finite values")
+        return s
+    return check_finite(s, name)
+
+
 # ----------------------------------------------------------------------------- conventions
 def scale_from_ho_salimans(w: float) -> float:
     """diffusers' ``guidance_scale`` for Ho & Salimans' weight w: scale = w + 1.
 
-    Ho & Salimans (2022, eq 6) and seed 000 eq 1.36 write ε̃ = (w + 1) ε_c − w ε_u; eq 1.44 and
+    Ho & Salimans (2022, eq 6) and Ahmad's notes (eq 1.36) write ε̃ = (w + 1) ε_c − w ε_u; eq 1.44 and
     diffusers write ε_u + scale (ε_c − ε_u). Expanding the second, (scale) ε_c − (scale − 1) ε_u,
     shows the two agree when scale = w + 1. So w = 0 (no guidance in Ho & Salimans' terms) is
     the plain conditional model, scale 1.
@@ -91,11 +151,12 @@ def ho_salimans_from_scale(scale: float) -> float:
 
 # ----------------------------------------------------------------------------- the rules
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor:
-    """Classifier-free guidance: ε_u + scale · (ε_c − ε_u) (seed 000, eq 1.44; 001 §2.3).
+    """Classifier-free guidance: ε_u + scale · (ε_c − ε_u) (Ahmad's notes, eq 1.44; the
+    controlled-generation blog, §2.3).
 
     ``scale`` is diffusers' ``guidance_scale``: 0 gives ε_u, 1 gives ε_c, larger values
-    extrapolate past the conditional prediction. In Ho & Salimans' convention (seed 000,
-    eq 1.36: (w + 1) ε_c − w ε_u) the same rule has w = scale − 1.
+    extrapolate past the conditional prediction. In Ho & Salimans' convention (Ahmad's
+    notes, eq 1.36: (w + 1) ε_c − w ε_u) the same rule has w = scale − 1.
 
     Shapes: ``eps_uncond`` and ``eps_cond`` any identical shape (B, …); ``scale`` a number, a
     (B,) tensor (one scale per row) or a tensor broadcasting against ε. Returns ε's shape.
@@ -109,9 +170,9 @@ def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale) -> torch.Tensor
 
 def classifier_guidance(eps: torch.Tensor, grad_log_prob: torch.Tensor, alpha_bar_t,
                         scale) -> torch.Tensor:
-    """Classifier guidance: ε − scale · √(1−ᾱ_t) · ∇_x log p_φ(y | x_t) (seed 000, eq 1.30).
+    """Classifier guidance: ε − scale · √(1−ᾱ_t) · ∇_x log p_φ(y | x_t) (Ahmad's notes, eq 1.30).
 
-    The seed prints the factor as √(1−λ) (and 1/√(1−σ̄_t) in eq 1.28); both mean √(1−ᾱ_t), as in
+    Ahmad's notes print the factor as √(1−λ) (and 1/√(1−σ̄_t) in eq 1.28); both mean √(1−ᾱ_t), as in
     Dhariwal & Nichol's Algorithm 2 (see the errata). With ε = −√(1−ᾱ_t) ∇ log p_t(x), this is
     the ε of the score ∇ log p_t(x) + scale · ∇ log p_t(y | x).
 
@@ -121,32 +182,18 @@ def classifier_guidance(eps: torch.Tensor, grad_log_prob: torch.Tensor, alpha_ba
     """
     _check_eps_pair(eps, grad_log_prob, "eps", "grad_log_prob")
     s = _check_scale(scale, "scale", eps)
-    if isinstance(alpha_bar_t, torch.Tensor) and alpha_bar_t.ndim > 0:
-        a = alpha_bar_t.to(dtype=eps.dtype, device=eps.device)
-        if not bool(((a > 0) & (a <= 1)).all()):
-            raise ValueError(f"alpha_bar_t must lie in (0, 1], got values in "
-                             f"[{float(a.min())}, {float(a.max())}]")
-        if a.ndim == 1 and eps.ndim > 1:
-            if a.shape[0] != eps.shape[0]:
-                raise ValueError(f"alpha_bar_t must be a number or hold one value per batch "
-                                 f"row ({eps.shape[0]}), got shape {tuple(a.shape)}")
-            a = a.reshape(-1, *([1] * (eps.ndim - 1)))
-        sigma = (1 - a).sqrt()
-    else:
-        a = check_finite(alpha_bar_t, "alpha_bar_t")
-        if not 0 < a <= 1:
-            raise ValueError(f"alpha_bar_t must lie in (0, 1], got {a}")
-        sigma = math.sqrt(1 - a)
+    sigma = _noise_level(alpha_bar_t, eps)                  # √(1−ᾱ_t)
     return eps - s * sigma * grad_log_prob  # eq 1.30
 
 
 def multi_cfg(eps_uncond: torch.Tensor, eps_conds: Sequence[torch.Tensor],
               scales: Sequence) -> torch.Tensor:
-    """Multi-condition guidance: ε_u + Σ_k scales[k] · (ε_k − ε_u) (seed 001, §2.4.3).
+    """Multi-condition guidance: ε_u + Σ_k scales[k] · (ε_k − ε_u) (the controlled-generation
+    blog, §2.4.3).
 
     Each ε_k is the model with condition k switched on and every other channel null. Weights
     may be negative: a negative weight pushes away from condition k (a "negative prompt" in the
-    composable-diffusion sense of Liu et al. 2022). The seed writes the negative channels with
+    composable-diffusion sense of Liu et al. 2022). The blog writes the negative channels with
     an explicit minus *and* says they "use negative weights"; here there is one weight per
     condition and its sign says which (see the errata).
 
@@ -154,29 +201,11 @@ def multi_cfg(eps_uncond: torch.Tensor, eps_conds: Sequence[torch.Tensor],
     ``scales`` a sequence of numbers (or per-row tensors) with ``len(eps_conds)`` entries.
     Raises ``ValueError`` if the lengths differ, shapes differ or a scale is not finite.
     """
-    check_tensor(eps_uncond, "eps_uncond")
-    if isinstance(eps_conds, torch.Tensor):
-        if eps_conds.ndim != eps_uncond.ndim + 1:
-            raise ValueError(f"eps_conds must be a list of tensors or a stacked tensor of shape "
-                             f"(K, {', '.join(map(str, eps_uncond.shape))}), got shape "
-                             f"{tuple(eps_conds.shape)}")
-        eps_conds = list(eps_conds)
-    if not isinstance(eps_conds, (list, tuple)):
-        raise TypeError(f"eps_conds must be a list or tuple of tensors, got "
-                        f"{type(eps_conds).__name__}")
-    if isinstance(scales, torch.Tensor):
-        scales = list(scales) if scales.ndim > 0 else [scales]
-    if not isinstance(scales, (list, tuple)):
-        raise TypeError(f"scales must be a list or tuple with one weight per condition, got "
-                        f"{type(scales).__name__}")
-    if len(scales) != len(eps_conds):
-        raise ValueError(f"scales must have one weight per entry of eps_conds "
-                         f"({len(eps_conds)}), got {len(scales)}")
+    eps_conds = _check_eps_list(eps_uncond, eps_conds)
+    scales = _check_scales(scales, len(eps_conds), eps_uncond)
     out = eps_uncond.clone()
-    for k, (e, w) in enumerate(zip(eps_conds, scales)):
-        _check_eps_pair(eps_uncond, e, "eps_uncond", f"eps_conds[{k}]")
-        w = _check_scale(w, f"scales[{k}]", eps_uncond)
-        out = out + w * (e - eps_uncond)  # 001 §2.4.3: ε_u + Σ w_k d_k
+    for e, w in zip(eps_conds, scales):
+        out = out + w * (e - eps_uncond)  # blog §2.4.3: ε_u + Σ w_k d_k
     return out
 
 
@@ -226,8 +255,7 @@ def guided_eps_model(model: Callable, cond, null, scale=1.0, *,
     Returns ``eps_model(x, t)``. Raises at construction for a non-finite scale or mismatched
     lengths, and at call time for a condition whose batch size is neither 1 nor B.
     """
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t, cond), got {type(model).__name__}")
+    check_callable(model, "model", "model(x, t, cond)")
     multi = isinstance(cond, (list, tuple))
     conds = list(cond) if multi else [cond]
     if multi:
@@ -243,19 +271,13 @@ def guided_eps_model(model: Callable, cond, null, scale=1.0, *,
     else:
         scales = [scale]
     for k, s in enumerate(scales):
-        if not isinstance(s, torch.Tensor):
-            check_finite(s, f"scale[{k}]" if multi else "scale")
-        elif not bool(torch.isfinite(s).all()):
-            raise ValueError(f"{'scale[%d]' % k if multi else 'scale'} must be finite, got a "
-                             f"tensor containing non-finite values")
+        _check_finite_scale(s, f"scale[{k}]" if multi else "scale")
     cat = cat_conds or (lambda cs: torch.cat(cs, dim=0))
     n = len(conds) + 1
 
     def eps_model(x: torch.Tensor, t) -> torch.Tensor:
         check_tensor(x, "x")
-        B = x.shape[0]
-        if not isinstance(t, torch.Tensor) or t.ndim == 0:
-            t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+        B, t = x.shape[0], batch_timesteps(t, x)
         batch_conds = [_expand_cond(null, B, "null", x.device)] + \
             [_expand_cond(c, B, f"cond[{k}]" if multi else "cond", x.device)
              for k, c in enumerate(conds)]
@@ -283,8 +305,7 @@ def classifier_grad(classifier: Callable, x: torch.Tensor, t, y) -> torch.Tensor
     B = x.shape[0]
     y = _expand_cond(y, B, "y", x.device) if not isinstance(y, torch.Tensor) or y.ndim == 0 \
         else y.to(x.device)
-    if not isinstance(t, torch.Tensor) or t.ndim == 0:
-        t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+    t = batch_timesteps(t, x)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         logits = classifier(xg, t)
@@ -303,7 +324,7 @@ def classifier_grad(classifier: Callable, x: torch.Tensor, t, y) -> torch.Tensor
 def classifier_guided_eps_model(eps_model: Callable, classifier: Callable | None, y,
                                 alphas_cumprod: torch.Tensor, scale, *,
                                 grad_fn: Callable | None = None) -> Callable:
-    """An ``eps_model(x, t)`` with classifier guidance (seed 000, eq 1.30; Dhariwal & Nichol).
+    """An ``eps_model(x, t)`` with classifier guidance (Ahmad's notes, eq 1.30; Dhariwal & Nichol).
 
     ``eps_model`` is the unguided model (usually unconditional). The gradient comes from
     :func:`classifier_grad` on ``classifier(x, t)``, or from ``grad_fn(x, t, y)`` if given
@@ -314,17 +335,11 @@ def classifier_guided_eps_model(eps_model: Callable, classifier: Callable | None
     if classifier is None and grad_fn is None:
         raise ValueError("classifier and grad_fn cannot both be None")
     check_tensor(alphas_cumprod, "alphas_cumprod", ndim=1)
-    if isinstance(scale, torch.Tensor):
-        if not bool(torch.isfinite(scale).all()):
-            raise ValueError("scale must be finite, got a tensor containing non-finite values")
-    else:
-        check_finite(scale, "scale")
+    _check_finite_scale(scale, "scale")
     grad = grad_fn or (lambda x, t, y_: classifier_grad(classifier, x, t, y_))
 
     def guided(x, t):
-        B = x.shape[0]
-        if not isinstance(t, torch.Tensor) or t.ndim == 0:
-            t = torch.full((B,), int(t), dtype=torch.long, device=x.device)
+        t = batch_timesteps(t, x)
         e = eps_model(x, t)
         g = grad(x, t, y).to(e.dtype)
         a = alphas_cumprod.to(x.device)[t].to(e.dtype)
@@ -336,12 +351,8 @@ def classifier_guided_eps_model(eps_model: Callable, classifier: Callable | None
 # ----------------------------------------------------------------------------- condition dropout
 def uniform_drop_rate(u: float, K: int) -> float:
     """The per-channel drop rate q that makes all K channels drop together with rate u:
-    q^K = u, so q = u^{1/K} (seed 001, §2.4.2)."""
-    u = check_finite(u, "u")
-    if not 0 <= u <= 1:
-        raise ValueError(f"u must lie in [0, 1], got {u}")
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"K must be a positive int, got {K!r}")
+    q^K = u, so q = u^{1/K} (the controlled-generation blog, §2.4.2)."""
+    u, K = check_range(u, "u", 0, 1), check_int(K, "K", min=1)
     return u ** (1.0 / K)
 
 
@@ -349,19 +360,15 @@ def condition_dropout_mask(batch_size: int, drop_probs: Sequence[float],
                            generator: torch.Generator | None = None,
                            available: torch.Tensor | None = None) -> torch.Tensor:
     """Per-channel keep masks m_k ~ Bernoulli(1 − q_k), independent across channels and rows
-    (seed 001, §2.4.2). Returns a (B, K) bool tensor, True = keep the condition.
+    (the controlled-generation blog, §2.4.2). Returns a (B, K) bool tensor, True = keep the condition.
 
     ``available`` (optional, (B, K) or (K,) bool): a channel that is unavailable for a row is
     always dropped. Raises ``ValueError`` for a rate outside [0, 1] or a bad ``available``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-        raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size", min=0)
     if isinstance(drop_probs, (int, float)):
         drop_probs = [drop_probs]
-    q = [check_finite(v, f"drop_probs[{k}]") for k, v in enumerate(drop_probs)]
-    for k, v in enumerate(q):
-        if not 0 <= v <= 1:
-            raise ValueError(f"drop_probs[{k}] must lie in [0, 1], got {v}")
+    q = [check_range(v, f"drop_probs[{k}]", 0, 1) for k, v in enumerate(drop_probs)]
     if not q:
         raise ValueError("drop_probs must list one rate per channel")
     q_t = torch.tensor(q, dtype=torch.float64)
@@ -381,7 +388,7 @@ def drop_conditions(conds: Sequence[torch.Tensor], nulls: Sequence, drop_probs: 
                     generator: torch.Generator | None = None,
                     available: torch.Tensor | None = None):
     """Replace each channel's condition by its own null, row by row, with rates ``drop_probs``
-    (seed 001, §2.4.2: c̃_k = c_k if m_k = 1 and the channel is available, else ∅_k).
+    (the controlled-generation blog, §2.4.2: c̃_k = c_k if m_k = 1 and the channel is available, else ∅_k).
 
     Args: ``conds`` K tensors of batch B (labels (B,) or embeddings (B, …)); ``nulls`` K null
     conditions (a number or a tensor broadcasting against one row of the condition). Returns
@@ -428,7 +435,7 @@ def product_mixture_cond_model(gmms: Sequence, null: int = -1) -> Callable:
     mixture ``gmms[k]`` whose label is channel k. ``model(x, t, c)`` takes c of shape (B, K),
     ``null`` meaning "channel off". Because the blocks and their noise are independent, the
     channels are conditionally independent given x_t, and multi-condition guidance is exact
-    (seed 001 §2.4.3's assumption holds)."""
+    (the assumption of the controlled-generation blog, §2.4.3, holds)."""
     dims = [g.D for g in gmms]
     models = [mixture_cond_model(g, null) for g in gmms]
 

@@ -1,8 +1,8 @@
 """Noise schedules: β_t, ᾱ_t and the signal-to-noise ratio.
 
-Indexing follows diffusers: ``betas[t]`` for ``t = 0 … T-1`` is the seed's β_{t+1}, so
-``alphas_cumprod[t]`` is ᾱ_{t+1} = ∏_{s≤t} (1 − β_s) (seed 000, eq 1.2; 003 L53 misprints the
-upper limit of the product as T, see the errata).
+Indexing follows diffusers: ``betas[t]`` for ``t = 0 … T-1`` is β_{t+1} of Ahmad's notes, so
+``alphas_cumprod[t]`` is ᾱ_{t+1} = ∏_{s≤t} (1 − β_s) (Ahmad's notes, eq 1.2; Zhu's slides, "DDPM: Forward
+Diffusion Process", misprint the upper limit of the product as T, see the errata).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def make_betas(kind: str = "linear", T: int = 1000, beta_start: float | None = N
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t = ∏_{s≤t} (1 − β_s) (seed 000, below eq 1.2). Raises if any β lies outside (0, 1)."""
+    """ᾱ_t = ∏_{s≤t} (1 − β_s) (Ahmad's notes, below eq 1.2). Raises if any β lies outside (0, 1)."""
     betas = torch.as_tensor(betas)
     if betas.ndim != 1 or betas.numel() == 0:
         raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")

@@ -17,7 +17,9 @@ import torch
 __all__ = [
     "pick_device", "pick_dtype", "seed_everything", "to_pil", "image_grid",
     "check_tensor", "check_same_shape", "check_timestep", "check_decreasing", "check_finite",
-    "gather", "has_gpu",
+    "check_int", "check_positive", "check_range", "check_choice", "check_callable",
+    "batch_timesteps",
+    "gather", "has_gpu", "simulating_gpu",
 ]
 
 
@@ -39,9 +41,27 @@ def pick_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def simulating_gpu() -> bool:
+    """True when the environment variable ``DIFFNOTES_SIMULATE_GPU`` is ``1`` (or ``true``/
+    ``yes``/``on``).
+
+    The switch runs the chapters' "On a GPU" cells on a CPU: :func:`has_gpu` returns True and
+    ``diffnotes.models.load.load_pipeline("sd-1.5")`` (and ``"sd-2.1-base"``) return the tiny,
+    randomly initialised ``"sd-1.5-layout-tiny"`` pipeline (Stable Diffusion 1.5's block layout,
+    CPU, float32) instead of downloading weights. :func:`pick_device` and :func:`pick_dtype` are
+    not affected (CPU and float32 on a machine without CUDA). Cells use it to keep step counts
+    small when simulated. The test of the GPU cells (``tests/test_gpu_cells.py``) sets it.
+    """
+    return os.environ.get("DIFFNOTES_SIMULATE_GPU", "").strip().lower() in ("1", "true", "yes",
+                                                                             "on")
+
+
 def has_gpu() -> bool:
-    """True when CUDA is available (the chapters' "On a GPU" cells check this)."""
-    return torch.cuda.is_available()
+    """True when CUDA is available, or when :func:`simulating_gpu` (``DIFFNOTES_SIMULATE_GPU=1``).
+
+    The chapters' "On a GPU" cells check this alone: on Colab it is CUDA; under the simulation
+    switch the same cells run on the tiny SD-layout pipeline on the CPU."""
+    return simulating_gpu() or torch.cuda.is_available()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -87,6 +107,87 @@ def check_finite(value, name: str) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def check_int(value, name: str, min: int | None = None) -> int:
+    """An int (a Python or NumPy integer, not a bool), at least ``min`` if given.
+
+    Raises ``ValueError`` with one message whatever is wrong (the type or the value):
+    "K must be a positive int, got 0" (``min=1``), "... a non-negative int ..." (``min=0``),
+    "... an int >= 3 ..." (another ``min``) or "... an int ..." (no ``min``).
+    """
+    what = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(min,
+                                                                            f"an int >= {min}")
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or (min is not None and value < min)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with ``allow_zero``): "sigma must be a positive number, got 0.0"
+    (or "... a non-negative number ...")."""
+    v = check_finite(value, name)
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                         f"number, got {v}")
+    return v
+
+
+def check_range(value, name: str, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite real number (as :func:`check_finite`) in the interval from ``lo`` to ``hi``.
+
+    ``lo_open``/``hi_open`` exclude an end. Raises ``ValueError`` "sigma must lie in (0, inf),
+    got 0.0"-style messages (``TypeError`` for something that is not a number).
+    """
+    v = check_finite(value, name)
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or \
+            (hi is not None and (v >= hi if hi_open else v > hi)):
+        interval = (("(-inf" if lo is None else ("(" if lo_open else "[") + f"{lo:g}") + ", "
+                    + ("inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")))
+        raise ValueError(f"{name} must lie in {interval}, got {v}")
+    return v
+
+
+def check_choice(value, name: str, choices: Sequence):
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_callable(f, name: str, signature: str = ""):
+    """``f`` if it can be called, else ``TypeError`` ("model must be callable as
+    model(x, t, cond), got int")."""
+    if not callable(f):
+        how = f" as {signature}" if signature else ""
+        raise TypeError(f"{name} must be callable{how}, got {type(f).__name__}")
+    return f
+
+
+def batch_timesteps(t, x: torch.Tensor, T: int | None = None, name: str = "t") -> torch.Tensor:
+    """``t`` as the (B,) long tensor on ``x``'s device that a model ``eps_model(x, t)`` receives,
+    B = ``x.shape[0]``: an int (or a 0-d / (1,) tensor) is repeated for every row, a (B,) tensor
+    is kept. With ``T`` the steps must also lie in [0, T) (:func:`check_timestep`).
+
+    Raises ``TypeError`` for a float or bool ``t``, ``ValueError`` for another shape.
+    """
+    B = x.shape[0]
+    if T is not None:
+        t = check_timestep(t, T, name)
+    if not isinstance(t, torch.Tensor):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+        return torch.full((B,), int(t), dtype=torch.long, device=x.device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer time-step indices, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = t.reshape(1)
+    if t.ndim != 1 or t.shape[0] not in (1, B):
+        raise ValueError(f"{name} must be an int or a (B,) tensor with B = {B}, got shape "
+                         f"{tuple(t.shape)}")
+    return t.to(x.device).long().expand(B)
 
 
 def check_timestep(t, T: int, name: str = "t") -> torch.Tensor | int:

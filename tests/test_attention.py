@@ -1,6 +1,6 @@
 """Attention recording (diffnotes.attention): exactness, online aggregation, memory, words.
 
-Fixtures are a random-init tiny ``UNet2DConditionModel`` (notes_editing §0.2) in float64 and a
+Fixtures are a random-init tiny ``UNet2DConditionModel`` in float64 and a
 CLIP BPE tokenizer built offline from a vocabulary and merges written here.
 """
 import json
@@ -84,7 +84,7 @@ def test_self_attention_above_self_max_res_is_not_recorded(unet):
 
 
 def _hand_probs(attn, hidden, ctx):
-    """softmax(Q K^T / sqrt(d)) per head (seed 000 eq 1.47), averaged over heads."""
+    """softmax(Q K^T / sqrt(d)) per head (Ahmad's notes, eq 1.47), averaged over heads."""
     q, k = attn.to_q(hidden), attn.to_k(ctx)
     B, N, _ = q.shape
     h = attn.heads
@@ -131,7 +131,8 @@ def test_cross_attention_by_hand_equals_module(unet):
     with torch.no_grad():
         y_mod = attn(hidden, encoder_hidden_states=ctx)
     assert torch.allclose(y, y_mod, atol=1e-12)
-    # and the permutation property of L10: permuting the tokens leaves the output unchanged
+    # and the permutation property of cross-attention (Gormley & Chai's lecture, slides
+    # "Cross Attention"): permuting the tokens leaves the output unchanged
     perm = torch.randperm(7, generator=g)
     with torch.no_grad():
         assert torch.allclose(attn(hidden, encoder_hidden_states=ctx[:, perm]), y_mod, atol=1e-12)
@@ -290,7 +291,8 @@ def test_word_level_tokenizer():
 
 
 def test_text_encoder_causal_mask_and_padding():
-    """A CLIP text encoder is causal and has no padding mask (seed 000 §1.5, lines 395-405):
+    """A CLIP text encoder is causal and has no padding mask (Ahmad's notes, §1.5,
+    "Presence of Causal Masks" and "Lack of Padding Mask"):
     changing word k leaves positions < k unchanged; padding positions are not zero and do
     depend on the prompt (erratum sd-zero-padding)."""
     shapes = pytest.importorskip("diffnotes.models.shapes")

@@ -1,4 +1,4 @@
-"""DDIM (seed 000 §1.2-1.3, eqs 1.21-1.26) against diffusers and against exact answers."""
+"""DDIM (Ahmad's notes, §1.2-1.3, eqs 1.21-1.26) against diffusers and against exact answers."""
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
@@ -174,3 +174,53 @@ def test_bad_input(linear_schedule, nonlinear_eps):
         ddim_sigma(0.5, 0.6, float("nan"))
     with pytest.raises(ValueError, match="method"):
         ode_sample(nonlinear_eps, x, [10, 5], ac, method="rk4")
+
+
+# ---------------------------------------------------------------------------- callback
+def _run_with_and_without_callback(name, fn, eps_model, x, ts, ac, b):
+    calls, seen_t = [], []
+
+    def model(x_, t_):                        # records what eps_model receives
+        seen_t.append(t_)
+        return eps_model(x_, t_)
+
+    kw = dict(generator=torch.Generator().manual_seed(3))
+    args = {"ddpm_sample": (model, x, b), "ddim_sample": (model, x, ts, ac),
+            "ddim_invert": (model, x, ts, ac), "ode_sample": (model, x, ts, ac)}[name]
+    extra = {"ddpm_sample": dict(progress=False, **kw), "ddim_sample": dict(eta=0.5, **kw),
+             "ddim_invert": {}, "ode_sample": dict(method="heun")}[name]
+    plain = fn(*args, **extra)
+    n_plain = len(seen_t)
+    if name == "ddpm_sample" or name == "ddim_sample":
+        extra["generator"] = torch.Generator().manual_seed(3)
+    with_cb = fn(*args, callback=calls.append, **extra)
+    return plain, with_cb, calls, seen_t[:n_plain]
+
+
+@pytest.mark.parametrize("name", ["ddim_sample", "ddpm_sample", "ode_sample", "ddim_invert"])
+def test_samplers_callback_once_per_step_and_bitwise_same(linear_schedule, nonlinear_eps, name):
+    from diffnotes.ddpm import ddpm_sample, predict_x0
+    b, ac = linear_schedule
+    fn = dict(ddim_sample=ddim_sample, ddpm_sample=ddpm_sample, ode_sample=ode_sample,
+              ddim_invert=ddim_invert)[name]
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = make_timesteps(7, 1000)
+    plain, with_cb, calls, seen_t = _run_with_and_without_callback(name, fn, nonlinear_eps, x,
+                                                                   ts, ac, b)
+    assert torch.equal(plain, with_cb)                  # the callback only looks
+    # eps_model receives t as a (B,) long tensor
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.long and t.shape == (3,)
+               for t in seen_t)
+    steps = list(range(999, -1, -1)) if name == "ddpm_sample" else \
+        (ts[::-1] if name == "ddim_invert" else ts)
+    assert [c["i"] for c in calls] == list(range(len(steps)))
+    assert [c["t"] for c in calls] == steps
+    for c in calls:
+        assert set(c) == {"i", "t", "x", "x0_hat", "eps"}
+        torch.testing.assert_close(c["eps"], nonlinear_eps(c["x"], torch.full((3,), c["t"])))
+    c = calls[0]
+    if name != "ddim_invert":                 # x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t at the step's t
+        torch.testing.assert_close(c["x0_hat"], predict_x0(c["x"], c["eps"], float(ac[c["t"]])))
+        torch.testing.assert_close(c["x"], x)
+    else:                                     # the first inversion step starts from clean x_0
+        torch.testing.assert_close(c["x0_hat"], x)

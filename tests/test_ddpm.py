@@ -1,4 +1,4 @@
-"""DDPM (seed 000 §1.1, Algorithms 1-2) against diffusers' DDPMScheduler and closed forms."""
+"""DDPM (Ahmad's notes, §1.1, Algorithms 1-2) against diffusers' DDPMScheduler and closed forms."""
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -71,7 +71,7 @@ def test_posterior_two_forms_agree(linear_schedule):
         mean, var = posterior_mean_variance(x0, xt, t, b)
         eps_form = ddpm_step(lambda x, tt: eps, xt, t, b, noise=torch.zeros_like(xt))
         torch.testing.assert_close(mean, eps_form, rtol=1e-12, atol=1e-12)
-        # β̃_t = 1 / (α_t/β_t + 1/(1-ᾱ_{t-1}))  (completing the square, 003 L55-71)
+        # β̃_t = 1 / (α_t/β_t + 1/(1-ᾱ_{t-1}))  (completing the square, Zhu's slides, "DDPM: Reverse Diffusion Process")
         alpha = 1 - b[t]
         assert var.item() == pytest.approx(1 / (alpha / b[t] + 1 / (1 - ac[t - 1])).item(), rel=1e-12)
     assert posterior_mean_variance(x0, xt, 400, b)[1].item() == pytest.approx(0.008052216414881602,
@@ -79,7 +79,7 @@ def test_posterior_two_forms_agree(linear_schedule):
 
 
 def test_seed_algorithm_misprint_differs(linear_schedule):
-    """The seed's Algorithm 2 prints (1-α_t)/√(1-α_t) = √β_t; with ᾱ it is β_t/√(1-ᾱ_t). They differ."""
+    """Algorithm 2 of Ahmad's notes prints (1-α_t)/√(1-α_t) = √β_t; with ᾱ it is β_t/√(1-ᾱ_t). They differ."""
     b, ac = linear_schedule
     t = 500
     printed = (b[t] / (1 - (1 - b[t])) ** 0.5).item()

@@ -50,7 +50,7 @@ def zero(e):
 
 
 def chain_values(t):
-    """Seed symbols at 0-based library index t: ᾱ_t = AC[t], ᾱ_{t−1} = AC[t−1] (1 at t = 0)."""
+    """The source documents' symbols at 0-based library index t: ᾱ_t = AC[t], ᾱ_{t−1} = AC[t−1] (1 at t = 0)."""
     ab = float(AC[t])
     abp = float(AC[t - 1]) if t > 0 else 1.0
     return {S["alpha_t"]: ab / abp, S["ab_prev"]: abp, S["ab_t"]: ab, S["beta_t"]: float(BETAS[t])}
@@ -109,7 +109,7 @@ def test_posterior_matches_library_numerically(t):
 
 
 def test_posterior_at_first_step_has_zero_variance():
-    # library t = 0 is the seed's t = 1 with ᾱ_0 = 1: q(x_0 | x_1, x_0) is a point mass at x_0
+    # library t = 0 is the notes' t = 1 with ᾱ_0 = 1: q(x_0 | x_1, x_0) is a point mass at x_0
     r = _post()
     assert ev(r["variance"], chain_values(0)) == pytest.approx(0.0, abs=1e-15)
     assert ev(r["coef_x0"], chain_values(0)) == pytest.approx(1.0, rel=1e-12)

@@ -118,6 +118,30 @@ def test_seeded_samples_are_deterministic_and_seed_dependent(digits_unet):
     assert (s1 - s3).abs().max() > 0.1
 
 
+def test_unconditional_samples_with_y_none(digits_unet):
+    """``y=None`` (the null class) gives one unconditional sample, or one per row of x_T; it
+    equals plain DDIM on ε_θ(x_t, t, ∅) (guidance needs a class, so the scale does not matter)."""
+    from diffnotes.ddim import ddim_sample
+    from diffnotes.schedules import make_timesteps
+    one = D.sample_digits(digits_unet, None, num_steps=5, generator=torch.Generator().manual_seed(0))
+    assert one.shape == (1, 1, D.IMAGE_SIZE, D.IMAGE_SIZE)
+    x_T = torch.randn(3, 1, D.IMAGE_SIZE, D.IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    got = D.sample_digits(digits_unet, None, 3.0, num_steps=5, x_T=x_T)
+    want = ddim_sample(D.digits_eps_model(digits_unet, None), x_T, make_timesteps(5, D.T),
+                       D.schedule()[1]).clamp(-1, 1)
+    assert torch.equal(got, want)
+
+
+def test_cfg_sampling_calls_the_library_cfg(digits_unet, monkeypatch):
+    """One implementation of eq 1.44: sample_digits combines ε_u and ε_c with guidance.cfg."""
+    import diffnotes.guidance as G
+    calls = []
+    monkeypatch.setattr(D, "cfg", lambda u, c, s: calls.append(s) or G.cfg(u, c, s))
+    D.sample_digits(digits_unet, torch.arange(2), 2.5, num_steps=3,
+                    generator=torch.Generator().manual_seed(0))
+    assert calls == [2.5] * 3
+
+
 def test_guided_samples_are_the_requested_digits(digits_unet, digits_clf):
     y = torch.arange(10).repeat(2)
     x = D.sample_digits(digits_unet, y, 3.0, num_steps=20, generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,8 @@
-"""Numeric checks behind book/_fragments/errata_part1.md (seed 000 §1.1–1.3, 003, 004).
+"""Numeric checks behind book/errata.md: Ahmad's notes §1.1–1.3, Zhu's slides, Gormley & Chai's lecture.
 
-Each test computes the seed's printed form and the corrected form and shows that only the
+Each test computes the document's printed form and the corrected form and shows that only the
 corrected one has the property the text claims. Symbolic checks of the same errata live in
-tests/test_derive.py. Indices: the library's 0-based t is the seed's t + 1.
+tests/test_derive.py. Indices: the library's 0-based t is the documents' t + 1.
 """
 import math
 
@@ -34,7 +34,7 @@ def forward_chain_moments(x0: float):
     return torch.tensor(ms, dtype=torch.float64), torch.tensor(vs, dtype=torch.float64)
 
 
-# ---------------------------------------------------------------- seed 000, Algorithm 1, L150
+# ---------------------------------------------------------------- Ahmad's notes, Algorithm 1 and §1.2
 def test_000_alg1_marginal_needs_alpha_bar():
     m, v = forward_chain_moments(1.0)
     torch.testing.assert_close(m, AC.sqrt(), rtol=1e-12, atol=0)            # corrected
@@ -46,7 +46,7 @@ def test_000_alg1_marginal_needs_alpha_bar():
     assert float(AC[0]) == float(ALPHAS[0])
 
 
-# ---------------------------------------------------------------- seed 000, Algorithm 2
+# ---------------------------------------------------------------- Ahmad's notes, Algorithm 2
 def _eps_gaussian(x, t, mu=0.5, s=0.3):
     """Exact ε* for N(mu, s²) data: √(1−ᾱ)(x − √ᾱ mu)/(ᾱ s² + 1 − ᾱ) (GaussianMixture, K = 1)."""
     ab = AC.to(x.dtype)[t]
@@ -86,7 +86,7 @@ def test_000_alg2_sampling_needs_alpha_bar():
     assert lib.std().item() == pytest.approx(0.3, abs=0.02)
 
 
-# ---------------------------------------------------------------- seed 000, eq 1.7 (L121)
+# ---------------------------------------------------------------- Ahmad's notes, eq 1.7
 def test_000_eq_1_7_prefactor():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
@@ -100,7 +100,7 @@ def test_000_eq_1_7_prefactor():
     assert (core / ab.sqrt() - mean).abs().max() > 1.0                           # printed
 
 
-# ---------------------------------------------------------------- seed 000, L156: every marginal
+# ---------------------------------------------------------------- Ahmad's notes, §1.2: every marginal
 def _propagate(ab, ts, x0=1.0):
     """Mean/var of x_t | x_0 down the σ = 0 DDIM family built from ``ab`` on ``ts``."""
     m, v = math.sqrt(ab[ts[0]]) * x0, 1 - ab[ts[0]]
@@ -127,7 +127,7 @@ def test_000_family_must_match_every_marginal():
     assert abs(bad[199][1] - (1 - ac[199])) > 0.3
 
 
-# ---------------------------------------------------------------- seed 000, eqs 1.11 and 1.13
+# ---------------------------------------------------------------- Ahmad's notes, eqs 1.11 and 1.13
 @pytest.mark.parametrize("t,tp", [(500, 400), (900, 700)])
 def test_000_eq_1_11_and_1_13_noise(t, tp):
     a, ap = float(AC[t]), float(AC[tp])
@@ -149,28 +149,55 @@ def test_000_eq_1_11_and_1_13_noise(t, tp):
     assert abs(same_noise.var().item() - (1 - ap)) > 3 * se
 
 
-# ---------------------------------------------------------------- seed 000, L174: the integral
+# ---------------------------------------------------------------- Ahmad's notes, §1.2 (after eq 1.13): the integral
+def _marginal_residual(k, lam, var, t, tp, x0, form):
+    """max_y |LHS − RHS| / RHS of the marginal identity at three points y, by 1-D quadrature over
+    x_t, for the kernel q(x_{t−1} | x_t, x_0) = N(k x_t + λ x_0, var).
+
+    ``"corrected"``: ∫ q(x_{t−1} | x_t, x_0) q(x_t | x_0) dx_t against N(√ᾱ_{t−1} x_0, 1 − ᾱ_{t−1}).
+    ``"printed"``: ∫ q(x_{t−1} | x_0) q(x_t | x_0) dx_t against q(x_{t−1} | x_0), with
+    q(x_{t−1} | x_0) the marginal the kernel gives, as the printed identity reads.
+    """
+    a, ap = float(AC[t]), float(AC[tp])
+    xs = torch.linspace(-12, 12, 200_001, dtype=torch.float64)            # x_t grid
+    dx = float(xs[1] - xs[0])
+
+    def normal(x, m, v):
+        return torch.exp(-(x - m) ** 2 / (2 * v)) / math.sqrt(2 * math.pi * v)
+
+    q_t = normal(xs, math.sqrt(a) * x0, 1 - a)
+    out = []
+    for y in (-1.0, 0.3, 2.0):
+        y = torch.tensor(y, dtype=torch.float64)
+        implied = float((normal(y, k * xs + lam * x0, var) * q_t).sum() * dx)
+        if form == "corrected":
+            lhs, rhs = implied, float(normal(y, math.sqrt(ap) * x0, 1 - ap))
+        else:                              # the integrand does not depend on x_t: ∫ q_t = 1
+            lhs, rhs = float((implied * q_t).sum() * dx), implied
+        out.append(abs(lhs - rhs) / rhs)
+    return max(out)
+
+
 def test_000_marginal_integral():
     t, tp, x0 = 600, 450, 0.7
     a, ap = float(AC[t]), float(AC[tp])
     sig = ddim_sigma(a, ap, 0.5)
-    k = math.sqrt((1 - ap - sig ** 2) / (1 - a))
+    k = math.sqrt((1 - ap - sig ** 2) / (1 - a))                           # eq 1.16
     lam = math.sqrt(ap) - k * math.sqrt(a)
-    xs = torch.linspace(-12, 12, 200_001, dtype=torch.float64)            # x_t grid
-    dx = float(xs[1] - xs[0])
+    # a wrong kernel: the σ = 0 coefficient with σ > 0 noise (its variance comes out too large)
+    k_bad = math.sqrt((1 - ap) / (1 - a))
+    lam_bad = math.sqrt(ap) - k_bad * math.sqrt(a)
+    good = dict(k=k, lam=lam, var=sig ** 2, t=t, tp=tp, x0=x0)
+    bad = dict(k=k_bad, lam=lam_bad, var=sig ** 2, t=t, tp=tp, x0=x0)
+    # the corrected identity holds for the right kernel and rejects the wrong one ...
+    assert _marginal_residual(**good, form="corrected") < 1e-6
+    assert _marginal_residual(**bad, form="corrected") > 1e-2
+    # ... the printed one holds for both (∫ q(x_t | x_0) dx_t = 1): it constrains nothing
+    assert _marginal_residual(**good, form="printed") < 1e-6
+    assert _marginal_residual(**bad, form="printed") < 1e-6
 
-    def normal(x, m, var):
-        return torch.exp(-(x - m) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
 
-    q_t = normal(xs, math.sqrt(a) * x0, 1 - a)
-    for y in (-1.0, 0.3, 2.0):
-        integral = float((normal(torch.tensor(y, dtype=torch.float64), k * xs + lam * x0,
-                                 sig ** 2) * q_t).sum() * dx)
-        want = float(normal(torch.tensor(y, dtype=torch.float64), math.sqrt(ap) * x0, 1 - ap))
-        assert integral == pytest.approx(want, rel=1e-6)
-
-
-# ---------------------------------------------------------------- seed 000, eq 1.24 (L228)
+# ---------------------------------------------------------------- Ahmad's notes, eq 1.24
 def test_000_eq_1_24_numbers():
     t = 500
     a, ap, b = float(AC[t]), float(AC[t - 1]), float(BETAS[t])
@@ -186,7 +213,7 @@ def test_000_eq_1_24_numbers():
     assert math.sqrt((1 - ap) / (1 - a)) * b / ddim_sigma(a, ap, 1.0) ** 2 > 1.3
 
 
-# ---------------------------------------------------------------- seed 000, L265: the quotient
+# ---------------------------------------------------------------- Ahmad's notes, "DDIM as a Neural ODE": the quotient
 def test_000_difference_quotient_sign():
     tau = ((1 - AC) / AC).sqrt()
     # τ increases with t, so the backward quotient (τ(t−Δt) − τ(t))/Δt is negative: −dτ/dt
@@ -197,7 +224,7 @@ def test_000_difference_quotient_sign():
     assert r["difference_quotient"].has(derive.sp.Derivative) and t is not None
 
 
-# ---------------------------------------------------------------- seed 000, L275/L289: u(T)
+# ---------------------------------------------------------------- Ahmad's notes, after eq 1.25 and §1.3: u(T)
 def test_000_initial_condition_of_u():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(200_000, 1, generator=g, dtype=torch.float64) * 0.5
@@ -208,7 +235,7 @@ def test_000_initial_condition_of_u():
     assert abs(var - float(ALPHAS[999])) > 1000                            # not N(0, α_T I)
 
 
-# ---------------------------------------------------------------- seed 000, eq 1.26 (L285)
+# ---------------------------------------------------------------- Ahmad's notes, eq 1.26
 def test_000_eq_1_26_sign():
     gm = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], stds=0.3, alphas_cumprod=AC)
     x0 = gm.sample(256, torch.Generator().manual_seed(0))
@@ -233,7 +260,7 @@ def test_000_eq_1_26_sign():
     assert xT.std().item() == pytest.approx(1.0, abs=0.15)                 # a plausible x_T
 
 
-# ---------------------------------------------------------------- seed 003 L53
+# ---------------------------------------------------------------- Zhu's slides, "DDPM: Forward Diffusion Process"
 def test_003_l53_product_limit():
     _, v = forward_chain_moments(1.0)
     ab_printed = torch.full_like(AC, float(torch.prod(ALPHAS)))          # ∏_{i=1}^T, any t
@@ -242,7 +269,7 @@ def test_003_l53_product_limit():
     assert float(ab_printed[-1]) == pytest.approx(float(AC[-1]))         # agrees only at t = T
 
 
-# ---------------------------------------------------------------- seed 003 L209
+# ---------------------------------------------------------------- Zhu's slides, "DDIM: Accelerated Generation Processes"
 def test_003_l209_subsequence_indices():
     gm = GaussianMixture([[0.5]], stds=0.3, alphas_cumprod=AC)
     ts = make_timesteps(50)
@@ -257,7 +284,7 @@ def test_003_l209_subsequence_indices():
     assert y.std().item() > 0.6
 
 
-# ---------------------------------------------------------------- seed 003 L242
+# ---------------------------------------------------------------- Zhu's slides, "SDE-based Generative Models: Discretizations"
 def test_003_l242_vp_sde_sign():
     """Variance ODE of dx = ∓½β x dt + √β dw from x(0) = 0: dv/dt = ∓β v + β."""
     n = 20_000
@@ -274,25 +301,25 @@ def test_003_l242_vp_sde_sign():
     assert v_bad > 1e4
 
 
-# ---------------------------------------------------------------- seed 004 L238/L252/L244/L254/L288
+# ---------------------------------------------------------------- Gormley & Chai's lecture, Properties #1-#3, Option C
 def test_004_properties():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
                                                                          dtype=torch.float64)
     t = 499
     a, ab, abp = ALPHAS[t], AC[t], AC[t - 1]
-    # L238/L252: the noise coefficient is √(1−ᾱ_t), not 1−ᾱ_t
+    # Property #1 (and its restatement under Property #3): the noise coefficient is √(1−ᾱ_t), not 1−ᾱ_t
     _, v = forward_chain_moments(1.0)
     assert float(v[t]) == pytest.approx(float(1 - ab), rel=1e-10)
     assert abs(float((1 - ab) ** 2) - float(v[t])) > 0.05
     xt = q_sample(x0, t, AC, eps)
-    # L244: the posterior mean's coefficients
+    # Property #2: the posterior mean's coefficients
     mean, _ = posterior_mean_variance(x0, xt, t, BETAS)
     printed = ab.sqrt() * (1 - a) / (1 - ab) * x0 + a.sqrt() * (1 - ab) / (1 - ab) * xt
     fixed = abp.sqrt() * (1 - a) / (1 - ab) * x0 + a.sqrt() * (1 - abp) / (1 - ab) * xt
     torch.testing.assert_close(fixed, mean, rtol=1e-12, atol=1e-12)
     assert (printed - mean).abs().max() > 1e-4
-    # L254 (and L288 with x_0 in place of x_t): recovering x_0 from x_t and ε
+    # Property #3 (and Option C, with x_0 in place of x_t): recovering x_0 from x_t and ε
     x0_printed = (xt + (1 - ab) * eps) / ab.sqrt()
     x0_fixed = (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
     torch.testing.assert_close(x0_fixed, x0, rtol=1e-12, atol=1e-12)

@@ -36,7 +36,7 @@ def q_sample_own(x0, t, alphas_cumprod, noise):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def q_sample_no_sqrt(x0, t, alphas_cumprod, noise):      # 004 L238's misprint
+def q_sample_no_sqrt(x0, t, alphas_cumprod, noise):      # Gormley & Chai, Property #1's misprint
     a = alphas_cumprod[t]
     return a.sqrt() * x0 + (1 - a) * noise
 
@@ -54,7 +54,7 @@ def ddpm_step_mean_own(x_t, eps, t, betas):
     return (x_t - betas[t] / (1 - ac[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
 
 
-def ddpm_step_mean_seed(x_t, eps, t, betas):              # Algorithm 2 as printed in seed 000
+def ddpm_step_mean_seed(x_t, eps, t, betas):              # Algorithm 2 as printed in Ahmad's notes
     a = 1 - betas[t]
     return (x_t - (1 - a) / (1 - a).sqrt() * eps) / a.sqrt()
 

@@ -1,4 +1,4 @@
-"""FDA (seed 000, eqs 5.29–5.32): window convention, what is kept, numpy/torch agreement, loss."""
+"""FDA (Ahmad's notes, eqs 5.29–5.32): window convention, what is kept, numpy/torch agreement, loss."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Guidance on the analytic mixture: exact identities, conventions, batching, dropout, bad input.
 
-Seed 000 §1.4 (eqs 1.28–1.36, 1.44), seed 001 §2. float64 for every exact equivalence.
+Ahmad's notes, §1.4 (eqs 1.28–1.36, 1.44); the controlled-generation blog, §2. float64 for every exact equivalence.
 """
 import math
 
@@ -32,7 +32,7 @@ def xs():
 # ----------------------------------------------------------------------------- CG = CFG exactly
 @pytest.mark.parametrize("t", [0, 50, 250, 500, 900, 999])
 def test_classifier_guidance_with_exact_classifier_equals_cfg(gmm, xs, t):
-    """ε_u − s√(1−ᾱ)∇log p(y|x_t) = ε_u + s(ε_y − ε_u) for every s (000 eqs 1.30, 1.35, 1.44)."""
+    """ε_u − s√(1−ᾱ)∇log p(y|x_t) = ε_u + s(ε_y − ε_u) for every s (Ahmad's notes, eqs 1.30, 1.35, 1.44)."""
     a = float(gmm.alphas_cumprod[t])
     for y in range(3):
         eu, ec = gmm.eps(xs, t), gmm.eps(xs, t, y)
@@ -103,7 +103,7 @@ def test_wrong_factor_breaks_cg_cfg_equality(gmm, xs):
 
 
 def test_snr_weight_schedule_grows_at_low_noise(linear_schedule):
-    """001 §2.4.3: w̄·SNR^½ with w̄ = 5 is ≈0.032 at t = 999 and ≈500 at t = 0."""
+    """The controlled-generation blog, §2.4.3: w̄·SNR^½ with w̄ = 5 is ≈0.032 at t = 999 and ≈500 at t = 0."""
     from diffnotes.schedules import snr
 
     _, ac = linear_schedule
@@ -113,7 +113,7 @@ def test_snr_weight_schedule_grows_at_low_noise(linear_schedule):
 
 
 def test_ho_salimans_convention_sympy():
-    """Eq 1.36's (w+1)ε_c − wε_u is eq 1.44's ε_u + s(ε_c − ε_u) with s = w + 1; the seed's
+    """Eq 1.36's (w+1)ε_c − wε_u is eq 1.44's ε_u + s(ε_c − ε_u) with s = w + 1; the notes'
     second line of eq 1.36, ε_c − w(ε_c − ε_u), is a different rule (the sign is wrong)."""
     eu, ec, w, s = sp.symbols("epsilon_u epsilon_c w s")
     eq144 = eu + s * (ec - eu)
@@ -135,7 +135,7 @@ def test_ho_salimans_convention_sympy():
 
 
 def test_seed_eq_1_28_factoring_sympy():
-    """Eq 1.28: −ε/√(1−ᾱ) + g = −(ε − √(1−ᾱ) g)/√(1−ᾱ); with the seed's λ, σ̄ it holds only if
+    """Eq 1.28: −ε/√(1−ᾱ) + g = −(ε − √(1−ᾱ) g)/√(1−ᾱ); with the notes' λ, σ̄ it holds only if
     both mean ᾱ_t."""
     eps, g, a = sp.symbols("epsilon g alpha_bar", positive=True)
     lhs = -eps / sp.sqrt(1 - a) + g

@@ -1,5 +1,5 @@
-"""Ising/Potts segmentation (seed 000, eqs 5.5–5.11): graph cut = brute-force MAP, networkx
-min-cut, alpha-expansion bounds, the sampler's stationary law, and the seed's sign erratum."""
+"""Ising/Potts segmentation (Ahmad's notes, eqs 5.5–5.11): graph cut = brute-force MAP, networkx
+min-cut, alpha-expansion bounds, the sampler's stationary law, and the sign erratum of the notes."""
 import itertools
 import math
 
@@ -86,7 +86,7 @@ def test_graph_cut_agrees_with_networkx_min_cut(shape):
 
 
 def test_seed_tlinks_swapped_solve_the_wrong_problem():
-    """Erratum erratum-seg-tlinks: the seed's wiring, built literally, minimises the swapped unaries."""
+    """Erratum erratum-seg-tlinks: the notes' wiring, built literally, minimises the swapped unaries."""
     rng = np.random.default_rng(3)
     wrong = 0
     for _ in range(20):
@@ -115,7 +115,7 @@ def test_seed_tlinks_swapped_solve_the_wrong_problem():
 
 
 def _seed_energy_all(psi, J):
-    """Seed eq 5.7 on every ±1 labelling: Σ ψ_u(s_i) + Σ_<ij> J s_i s_j."""
+    """Eq 5.7 of Ahmad's notes on every ±1 labelling: Σ ψ_u(s_i) + Σ_<ij> J s_i s_j."""
     _, H, W = psi.shape
     X = np.array(list(itertools.product((0, 1), repeat=H * W))).reshape(-1, H, W)
     s = 2 * X - 1
@@ -132,7 +132,7 @@ def test_seed_sign_gives_checkerboards():
     ii, jj = np.indices((4, 4))
     cb = (ii + jj) % 2
     assert len(best) == 2 and {tuple(b.ravel()) for b in best} == {tuple(cb.ravel()), tuple((1 - cb).ravel())}
-    # with a weak data term that prefers a smooth blob the seed's sign still alternates,
+    # with a weak data term that prefers a smooth blob the printed sign still alternates,
     # the corrected sign (−J s_i s_j, i.e. w = 2J) returns the blob
     psi = np.stack([np.zeros((4, 4)), np.zeros((4, 4))])
     psi[1, :, :2] -= 1.5   # left half prefers foreground

@@ -1,4 +1,4 @@
-"""PACL (seed 000 §5.4): the seed's worked example, a direct loop implementation of eqs
+"""PACL (Ahmad's notes, §5.4): the notes' worked example, a direct loop implementation of eqs
 5.14-5.18 in float64, invariances, and bad input."""
 import math
 
@@ -31,7 +31,7 @@ def _loop_logits(P, Q, tau):
 
 
 def test_seed_worked_example_weights():
-    # seed 000 §5.4: cosines 0.1, 0.4, 0.8, 0.9 (sky, tree, person, dog) -> 0.152 .. 0.338
+    # Ahmad's notes, §5.4: cosines 0.1, 0.4, 0.8, 0.9 (sky, tree, person, dog) -> 0.152 .. 0.338
     s = torch.tensor([0.1, 0.4, 0.8, 0.9], dtype=torch.float64)
     patches = torch.stack([s, (1 - s ** 2).sqrt()], dim=-1)[None]   # unit vectors at cosine s
     text = torch.tensor([[2.0, 0.0]], dtype=torch.float64)           # length does not matter

@@ -1,4 +1,4 @@
-"""PiCIE (seed 000 §5.5): k-means, the cluster loss (eq 5.21) against a loop in float64, the
+"""PiCIE (Ahmad's notes, §5.5): k-means, the cluster loss (eq 5.21) against a loop in float64, the
 within- and cross-view losses (eqs 5.23-5.24, corrected), invariance and equivariance, and bad
 input."""
 import math
@@ -77,7 +77,7 @@ def test_within_and_cross_view_definitions():
     assert float(within_view_loss(z1, z2, y1, y2, mu1, mu2)) == pytest.approx(within, abs=1e-12)
     assert float(cross_view_loss(z1, z2, y1, y2, mu1, mu2)) == pytest.approx(cross, abs=1e-12)
     assert float(picie_loss(z1, z2, y1, y2, mu1, mu2)) == pytest.approx(within + cross, abs=1e-12)
-    # the seed's printed eq 5.23, L(z1,y1,mu1) + L(z2,y1,mu1), is a different number
+    # the printed eq 5.23 of Ahmad's notes, L(z1,y1,mu1) + L(z2,y1,mu1), is a different number
     seed_form = L(z1, y1, mu1) + L(z2, y1, mu1)
     assert abs(seed_form - within) > 1e-3
     # swapping the views swaps nothing in the totals

@@ -18,7 +18,7 @@ def test_betas_match_diffusers(kind, dname):
 
 
 def test_worked_values_linear():
-    # notes_control §0.2 F6, 1-based ᾱ_t: index t-1 here
+    # DDPM's linear schedule, 1-based ᾱ_t as in the papers: index t-1 here
     ac = alphas_cumprod(make_betas("linear"))
     for t, v in [(1, 0.9999), (100, 0.897018), (250, 0.524085), (500, 0.078587),
                  (750, 0.003351)]:

@@ -2,8 +2,8 @@
 
 The hook-measured tables are checked against the shapes derived by hand from the config (down
 level i works at sample_size / 2**i with block_out_channels[i] channels; the up path mirrors it)
-and against the published parameter counts, and compared with the seed's Table 1 (000 §1.5):
-the rows that disagree are exactly the ones listed in book/_fragments/errata_sd.md.
+and against the published parameter counts, and compared with Table 1 of Ahmad's notes (§1.5.1):
+the rows that disagree are exactly the ones listed in book/errata.md.
 """
 import pytest
 import torch
@@ -84,7 +84,7 @@ def test_seed_table_1_disagreements_are_the_channel_column(tables):
     for name in ("sd-1.5", "sd-2.1-base"):
         cmp = compare_with_seed(summarize(tables[name][2]))
         assert [r["label"] for r in cmp] == [r[0] for r in SEED_TABLE_1]
-        # per-head matrix shapes agree with the seed on every row
+        # per-head matrix shapes agree with the notes' table on every row
         assert all(r["self"] == r["seed_self"] and r["cross"] == r["seed_cross"] for r in cmp)
         wrong = {r["label"]: (r["seed_channels"], r["channels"]) for r in cmp if not r["agrees"]}
         assert wrong == {"After Down Layer 1": (320, 640), "Down Layer 2": (640, 1280),
@@ -110,7 +110,7 @@ def test_bad_names():
 
 
 def test_eq_1_45_is_not_the_ddim_step():
-    """Seed eq 1.45, z_{t-1} = z_t - alpha_t eps, keeps z_t's coefficient at 1; DDIM does not."""
+    """Eq 1.45 of Ahmad's notes, z_{t-1} = z_t - alpha_t eps, keeps z_t's coefficient at 1; DDIM does not."""
     from diffusers import DDIMScheduler
 
     sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

@@ -1,4 +1,4 @@
-"""Segmentation metrics and losses (seed 000, eqs 5.2–5.4), on the seed's 4×4 example and by brute force."""
+"""Segmentation metrics and losses (Ahmad's notes, eqs 5.2–5.4), on the notes' 4×4 example and by brute force."""
 import itertools
 import math
 
@@ -9,12 +9,12 @@ import torch
 from diffnotes.segmentation import metrics as M
 
 B, C, D = 0, 1, 2  # background, cat, dog
-# seed 000, §5.2: the 4×4 ground truth (B, C, D)
+# Ahmad's notes, §5.2: the 4×4 ground truth (B, C, D)
 GT = np.array([[B, B, C, C],
                [B, D, D, C],
                [B, D, D, C],
                [B, B, C, C]])
-# the seed's prediction uses 1, 2, 3 for background, cat, dog
+# the notes' prediction uses 1, 2, 3 for background, cat, dog
 SEED_PRED = np.array([[1, 1, 2, 2],
                       [1, 3, 3, 2],
                       [1, 3, 3, 2],

@@ -1,4 +1,4 @@
-"""STEGO (seed 000 §5.6): correspondence tensors and the correlation loss against direct loops
+"""STEGO (Ahmad's notes, §5.6): correspondence tensors and the correlation loss against direct loops
 (float64), the centring / clamping switches, KNN pairs, the head and probe, and bad input."""
 import itertools
 import math
@@ -76,7 +76,7 @@ def test_switches_change_the_loss_and_act_where_documented():
 
 
 def test_loss_rewards_agreement():
-    # codes that reproduce the features' geometry (S = F) must beat random codes; the seed's
+    # codes that reproduce the features' geometry (S = F) must beat random codes; the notes'
     # eq 5.28 without the minus sign ranks them the other way round
     fa, fb = _rand(2, 6, 3, 3, seed=20), _rand(2, 6, 3, 3, seed=21)
     ra, rb = _rand(2, 6, 3, 3, seed=22), _rand(2, 6, 3, 3, seed=23)

@@ -5,7 +5,7 @@ or lightly textured), and an English caption naming every object, e.g.
 ``"a small red circle on the left and a blue square"``. For every object the generator returns
 its boolean mask (the pixels where it is visible), its box, its attributes and the index of its
 noun (the shape word) in ``caption.split()`` — enough to compare a cross-attention map for that
-word with the true region (seed 000, §1.5, eqs 1.46–1.48; notes_editing §2).
+word with the true region (Ahmad's notes, §1.5.1, eqs 1.46–1.48, and §3.2.1, eq 3.1).
 
 Some concepts are held out of training (:data:`HELD_OUT_SHAPES`, :data:`HELD_OUT_COLORS`): the
 shipped model never sees them, so the personalization chapters can teach them. They only appear

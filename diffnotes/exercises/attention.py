@@ -1,14 +1,15 @@
 """Checkers for the chapter "Stable Diffusion, part by part" (cross-attention and its maps).
 
 * ``"cross_attention"``: ``fn(f, c, w_q, w_k, w_v, w_o, heads) -> (B, N, C)``, multi-head
-  cross-attention with row-vector projections (seed 004's matrix form ``Q = Y W_q``):
-  ``Q = f W_q``, ``K = c W_k``, ``V = c W_v`` (seed 000 eq 1.48), split into ``heads`` heads
+  cross-attention with row-vector projections (the matrix form ``Q = Y W_q`` of Gormley & Chai's
+  lecture, slide "Cross Attention"):
+  ``Q = f W_q``, ``K = c W_k``, ``V = c W_v`` (Ahmad's notes, eq 1.48), split into ``heads`` heads
   of width ``d``, ``softmax(Q K^T / sqrt(d)) V`` per head (eq 1.47), heads concatenated,
   times ``W_o``.
 * ``"token_map"``: ``fn(probs, heads, height, width, token) -> (B, height, width)``: the map of
   key token ``token`` from attention probabilities ``(B·heads, height·width, M)`` (diffusers'
-  layout: batch-major then head, queries flattened row-major), averaged over heads (seed 000
-  eq 3.1).
+  layout: batch-major then head, queries flattened row-major), averaged over heads (Ahmad's
+  notes, eq 3.1).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import register
 
 
 def cross_attention_reference(f, c, w_q, w_k, w_v, w_o, heads):
-    """Multi-head cross-attention (seed 000 eqs 1.47-1.48), shapes in the module docstring."""
+    """Multi-head cross-attention (Ahmad's notes, eqs 1.47-1.48), shapes in the module docstring."""
     B, N, _ = f.shape
     M = c.shape[1]
     q, k, v = f @ w_q, c @ w_k, c @ w_v                                  # eq 1.48
@@ -55,6 +56,6 @@ def _token_inputs(g):
 
 
 register("cross_attention", cross_attention_reference, _cross_inputs, rtol=1e-9, atol=1e-12,
-         doc="multi-head cross-attention softmax(QK^T/sqrt d)V, seed 000 eqs 1.47-1.48")
+         doc="multi-head cross-attention softmax(QK^T/sqrt d)V, Ahmad's notes, eqs 1.47-1.48")
 register("token_map", token_map_reference, _token_inputs, rtol=1e-9, atol=1e-12,
-         doc="one token's attention map from (B*heads, h*w, M) probabilities, seed 000 eq 3.1")
+         doc="one token's attention map from (B*heads, h*w, M) probabilities, Ahmad's notes, eq 3.1")

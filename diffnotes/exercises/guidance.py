@@ -45,6 +45,6 @@ def _cg_inputs(g: torch.Generator) -> dict:
 
 
 register("cfg", _g.cfg, _cfg_inputs, rtol=1e-10, atol=1e-12,
-         doc="Classifier-free guidance ε_u + s(ε_c − ε_u) (seed 000 eq 1.44).")
+         doc="Classifier-free guidance ε_u + s(ε_c − ε_u) (Ahmad's notes, eq 1.44).")
 register("classifier_guidance", _g.classifier_guidance, _cg_inputs, rtol=1e-10, atol=1e-12,
-         doc="Classifier guidance ε − s√(1−ᾱ_t)∇log p(y|x_t) (seed 000 eq 1.30, corrected).")
+         doc="Classifier guidance ε − s√(1−ᾱ_t)∇log p(y|x_t) (Ahmad's notes, eq 1.30, corrected).")

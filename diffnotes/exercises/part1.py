@@ -3,12 +3,13 @@
 Each checker draws float64 inputs from a seeded generator and compares the student's function
 with the library's reference:
 
-- ``q_sample(x0, t, alphas_cumprod, noise)`` — seed 000, eq 1.2;
+- ``q_sample(x0, t, alphas_cumprod, noise)`` — Ahmad's notes, eq 1.2;
 - ``predict_x0(x_t, eps, alpha_bar_t)`` — eq 1.6;
-- ``posterior_mean_variance(x0, x_t, t, betas)`` — 003 L55–71 (returns (mean, variance), the
+- ``posterior_mean_variance(x0, x_t, t, betas)`` — Zhu's slides, "DDPM: Reverse Diffusion
+  Process" (returns (mean, variance), the
   variance a scalar tensor);
 - ``ddpm_step_mean(x_t, eps, t, betas)`` — Algorithm 2 line 4 without the noise, with ᾱ where
-  the seed prints α;
+  Ahmad's notes print α;
 - ``ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)`` — DDIM paper eq 16 (a float);
 - ``ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, noise)`` — eq 1.21;
 - ``ode_coords(x_t, alpha_bar)`` — (u, τ) of eq 1.25.
@@ -94,16 +95,16 @@ def _ode_coords_inputs(g):
 
 
 register("q_sample", q_sample, _q_sample_inputs, rtol=1e-9, atol=1e-12,
-         doc="x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise (seed 000, eq 1.2)")
+         doc="x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise (Ahmad's notes, eq 1.2)")
 register("predict_x0", predict_x0, _predict_x0_inputs, rtol=1e-9, atol=1e-12,
          doc="x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) (eq 1.6)")
 register("posterior_mean_variance", posterior_mean_variance, _posterior_inputs, rtol=1e-9,
-         atol=1e-12, doc="mean and variance of q(x_{t-1} | x_t, x_0) (003 L55-71)")
+         atol=1e-12, doc="mean and variance of q(x_{t-1} | x_t, x_0) (Zhu's slides, DDPM: Reverse Diffusion Process)")
 register("ddpm_step_mean", _ddpm_step_mean, _ddpm_step_inputs, rtol=1e-9, atol=1e-12,
-         doc="the mean of Algorithm 2's step, with alpha-bar where the seed prints alpha")
+         doc="the mean of Algorithm 2's step, with alpha-bar where Ahmad's notes print alpha")
 register("ddim_sigma", ddim_sigma, _ddim_sigma_inputs, rtol=1e-9, atol=1e-12,
          doc="sigma_t(eta) of the DDIM paper, eq 16")
 register("ddim_step", ddim_step, _ddim_step_inputs, rtol=1e-9, atol=1e-12,
-         doc="one DDIM step (seed 000, eq 1.21)")
+         doc="one DDIM step (Ahmad's notes, eq 1.21; DDIM eq 12)")
 register("ode_coords", ode_coords, _ode_coords_inputs, rtol=1e-9, atol=1e-12,
          doc="u = x / sqrt(ab), tau = sqrt((1 - ab) / ab) (eq 1.25)")

@@ -1,4 +1,4 @@
-"""Checkers for the unsupervised-segmentation chapter (seed 000 §5.4-5.6).
+"""Checkers for the unsupervised-segmentation chapter (Ahmad's notes, §5.4-5.6).
 
 ``check("pacl_weights", fn)``: fn(patch_emb (B,T,D), text_emb (K,D)) -> (B,K,T) softmax weights
 (eqs 5.14-5.15). ``check("pacl_logits", fn)``: fn(patch_emb, text_emb, temperature) -> (B,B')
@@ -50,11 +50,11 @@ def _stego_inputs(g):
 
 
 register("pacl_weights", patch_weights, _pacl_weight_inputs, rtol=1e-7, atol=1e-10,
-         doc="softmax over patches of patch-text cosines, seed 000 eqs 5.14-5.15")
+         doc="softmax over patches of patch-text cosines, Ahmad's notes, eqs 5.14-5.15")
 register("pacl_logits", pacl_logits, _pacl_logit_inputs, rtol=1e-7, atol=1e-10,
-         doc="PACL image-text logits, seed 000 eqs 5.14-5.17")
+         doc="PACL image-text logits, Ahmad's notes, eqs 5.14-5.17")
 register("picie_cluster_loss", lambda z, y, mu: cluster_loss(z, y, mu), _picie_inputs,
-         rtol=1e-7, atol=1e-10, doc="PiCIE's cluster loss, seed 000 eq 5.21 (pixel mean)")
+         rtol=1e-7, atol=1e-10, doc="PiCIE's cluster loss, Ahmad's notes, eq 5.21 (pixel mean)")
 register("stego_loss", lambda feats_a, feats_b, codes_a, codes_b, shift:
          stego_loss(feats_a, feats_b, codes_a, codes_b, shift), _stego_inputs,
-         rtol=1e-7, atol=1e-10, doc="STEGO correlation loss, seed 000 eq 5.28 (corrected)")
+         rtol=1e-7, atol=1e-10, doc="STEGO correlation loss, Ahmad's notes, eq 5.28 (corrected)")

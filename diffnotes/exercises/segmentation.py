@@ -1,4 +1,4 @@
-"""Checkers for the segmentation chapters (seed 000, §5.2, §5.3, §5.7).
+"""Checkers for the segmentation chapters (Ahmad's notes, §5.2, §5.3, §5.7).
 
 ``check("dice", fn)``: fn(a, b) → Dice of two boolean masks (eq 5.4).
 ``check("mean_iou", fn)``: fn(pred, target, num_classes) → mean IoU over present classes.
@@ -64,12 +64,12 @@ def _logits(g):
 
 
 register("dice", lambda a, b: _metrics.dice(a, b), _masks, rtol=1e-6, atol=1e-9,
-         doc="Dice coefficient 2|A∩B|/(|A|+|B|) of two boolean masks (seed 000, eq 5.4)")
+         doc="Dice coefficient 2|A∩B|/(|A|+|B|) of two boolean masks (Ahmad's notes, eq 5.4)")
 register("mean_iou", lambda pred, target, num_classes: _metrics.mean_iou(pred, target, num_classes),
          _labels, rtol=1e-6, atol=1e-9, doc="mean IoU over the classes present in pred or target")
 register("energy", lambda labels, unary, w_right, w_down: _ising.energy(labels, unary, w_right, w_down),
          _energy_inputs, rtol=1e-9, atol=1e-10,
-         doc="Σ unary[label] + Σ w·[neighbours differ] (corrected seed 000, eq 5.7)")
+         doc="Σ unary[label] + Σ w·[neighbours differ] (Ahmad's notes, eq 5.7, corrected)")
 register("contrast_weights", lambda image, lam, sigma: _ising.contrast_weights(image, lam, sigma),
          _image, rtol=1e-9, atol=1e-12, doc="λ·exp(−‖I_i−I_j‖²/2σ²) to the right and below (eq 5.11)")
 register("fda", lambda source, target, beta: _fda.fda(source, target, beta), _fda_inputs,

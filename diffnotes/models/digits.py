@@ -11,16 +11,17 @@ the 192 empty directions, and under a CPU budget of minutes it does not quite: a
 trained for 412 steps left visible speckle in many samples (DDIM 50 steps, CFG scale 3: the
 classifier recognised 84 % of them), while the 8×8 model has no empty directions to learn.
 
-- The UNet (a small ``diffusers.UNet2DModel``) predicts ε (seed 000, eq 1.8) under DDPM's linear
+- The UNet (a small ``diffusers.UNet2DModel``) predicts ε (Ahmad's notes, eq 1.8) under DDPM's linear
   schedule (β from 1e-4 to 0.02, T = 1000). It is class-conditional through
   ``num_class_embeds = 11``: classes 0–9 and ``NULL_CLASS = 10`` for "no label". During training
   the label is replaced by the null class with probability ``p_uncond`` (label dropout, Ho &
-  Salimans' classifier-free guidance; seed 000 §1.4, 001 §2.4), so one network gives both
+  Salimans' classifier-free guidance; Ahmad's notes, §1.4; the controlled-generation
+  blog, §2.4), so one network gives both
   ε(x_t, t, y) and ε(x_t, t).
 - The classifier p(y | x_t, t) is a small CNN with a timestep embedding, trained on
   x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (eq 1.2) for t uniform in [0, T) (with 20 % of each batch at
   t < 50 so that it stays sharp on clean digits), for classifier guidance
-  (seed 000 eq 1.30). At t = 0 it is an ordinary digit classifier, used to score samples.
+  (Ahmad's notes, eq 1.30). At t = 0 it is an ordinary digit classifier, used to score samples.
 
 Retrain (the weights in ``diffnotes/weights/digits/`` were made by these commands)::
 
@@ -57,9 +58,10 @@ from torch import nn
 
 from ..ddim import ddim_sample
 from ..ddpm import ddpm_loss, q_sample
+from ..guidance import cfg
 from ..schedules import alphas_cumprod as _cumprod
 from ..schedules import make_betas, make_timesteps
-from ..utils import check_finite, check_tensor, check_timestep
+from ..utils import batch_timesteps, check_finite, check_int, check_tensor
 
 __all__ = ["IMAGE_SIZE", "NUM_CLASSES", "NULL_CLASS", "T", "WEIGHTS_DIR", "schedule",
            "load_digits_data", "build_unet", "load_unet", "digits_eps_model",
@@ -85,8 +87,8 @@ TEST_FRACTION = 0.2
 def schedule():
     """``(betas, alphas_cumprod)`` of the digits models: DDPM's linear schedule, T = 1000.
 
-    β_t linear from 1e-4 to 0.02 (Ho et al. 2020), ᾱ_t = ∏_{s≤t} (1 − β_s) (seed 000, below
-    eq 1.2). Both float64 tensors of shape (1000,).
+    β_t linear from 1e-4 to 0.02 (Ho et al. 2020), ᾱ_t = ∏_{s≤t} (1 − β_s) (Ahmad's notes,
+    below eq 1.2). Both float64 tensors of shape (1000,).
     """
     betas = make_betas("linear", T=T)
     return betas, _cumprod(betas)
@@ -134,8 +136,7 @@ def upsample(x: torch.Tensor, size: int = 16) -> torch.Tensor:
     non-4-D ``x`` or a ``size`` < 1.
     """
     x = check_tensor(x, "x", ndim=4)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    size = check_int(size, "size", min=1)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
@@ -222,18 +223,6 @@ def _labels(y, batch: int, device, name: str = "y") -> torch.Tensor:
     return y.to(device)
 
 
-def _batch_t(t, x: torch.Tensor) -> torch.Tensor:
-    t = check_timestep(t, T)
-    if isinstance(t, int):
-        return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    if t.ndim == 0:
-        t = t.reshape(1)
-    if t.ndim != 1 or t.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"t must be an int or a (B,) tensor with B = {x.shape[0]}, got shape "
-                         f"{tuple(t.shape)}")
-    return t.to(x.device).long().expand(x.shape[0])
-
-
 def _check_x(x) -> torch.Tensor:
     x = check_tensor(x, "x", ndim=4)
     if tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
@@ -249,8 +238,8 @@ def _unet_eps(unet, x, t, labels):
 
 
 def digits_eps_model(unet, y=None):
-    """Bind a class to the UNet: returns ``eps_model(x, t) -> ε_θ(x_t, t, y)`` (seed 000 eq 1.8's
-    ε_θ, conditioned).
+    """Bind a class to the UNet: returns ``eps_model(x, t) -> ε_θ(x_t, t, y)`` (the ε_θ of
+    Ahmad's notes, eq 1.8, conditioned).
 
     ``y`` is an int in 0…9, a (B,) long tensor of labels (one per batch row; 10 = no label), or
     None for the unconditional model (the null class). ``x`` is (B, 1, 8, 8) of any float
@@ -262,7 +251,7 @@ def digits_eps_model(unet, y=None):
 
     def eps_model(x, t):
         x = _check_x(x)
-        return _unet_eps(unet, x, _batch_t(t, x), _labels(y, x.shape[0], x.device))
+        return _unet_eps(unet, x, batch_timesteps(t, x, T), _labels(y, x.shape[0], x.device))
 
     return eps_model
 
@@ -271,8 +260,8 @@ def digits_cond_uncond(unet):
     """Returns ``f(x, t, y) -> (eps_uncond, eps_cond)``: ε_θ(x_t, t, ∅) and ε_θ(x_t, t, y) from
     ONE batched forward pass of 2B rows (null labels for the first half).
 
-    These are the two inputs of classifier-free guidance, ε̃ = ε_u + s (ε_c − ε_u) (seed 000
-    eq 1.44, diffusers' scale s). ``y``: an int in 0…9 or a (B,) long tensor. Raises
+    These are the two inputs of classifier-free guidance, ε̃ = ε_u + s (ε_c − ε_u) (Ahmad's
+    notes, eq 1.44, diffusers' scale s). ``y``: an int in 0…9 or a (B,) long tensor. Raises
     ``ValueError`` naming ``y`` for a bad label (including None: the conditional pass needs one).
     """
     def cond_uncond(x, t, y):
@@ -281,7 +270,7 @@ def digits_cond_uncond(unet):
                              "pass, got None")
         y = _check_y(y)
         x = _check_x(x)
-        tb = _batch_t(t, x)
+        tb = batch_timesteps(t, x, T)
         labels = torch.cat([_labels(None, x.shape[0], x.device), _labels(y, x.shape[0], x.device)])
         eps = _unet_eps(unet, torch.cat([x, x]), torch.cat([tb, tb]), labels)
         eps_u, eps_c = eps.chunk(2)
@@ -295,7 +284,7 @@ def sample_digits(unet, y, guidance_scale: float = 3.0, num_steps: int = 50,
                   progress: bool = False) -> torch.Tensor:
     """Class-conditional DDIM (η = 0) samples with classifier-free guidance, in [-1, 1].
 
-    ε̃ = ε_u + s (ε_c − ε_u) (seed 000 eq 1.44, s = ``guidance_scale``; s = 1 is the plain
+    ε̃ = ε_u + s (ε_c − ε_u) (Ahmad's notes, eq 1.44, s = ``guidance_scale``; s = 1 is the plain
     conditional model, s = 0 the unconditional one) inside ``ddim_sample`` (eq 1.21) on
     ``make_timesteps(num_steps)``. ``y`` is an int (one sample) or a (B,) long tensor (one
     sample per label). x_T is drawn from ``generator`` unless given. Returns (B, 1, 8, 8),
@@ -303,9 +292,7 @@ def sample_digits(unet, y, guidance_scale: float = 3.0, num_steps: int = 50,
     """
     y = _check_y(y)
     s = check_finite(guidance_scale, "guidance_scale")
-    B = 1 if isinstance(y, int) else y.shape[0]
-    if y is None:
-        B = 1
+    B = y.shape[0] if isinstance(y, torch.Tensor) else 1      # an int or None: one sample
     if x_T is None:
         x_T = torch.randn((B, 1, IMAGE_SIZE, IMAGE_SIZE), generator=generator)
     x_T = _check_x(x_T)
@@ -316,8 +303,7 @@ def sample_digits(unet, y, guidance_scale: float = 3.0, num_steps: int = 50,
         f = digits_cond_uncond(unet)
 
         def eps_model(x, t):
-            eps_u, eps_c = f(x, t, y)
-            return eps_u + s * (eps_c - eps_u)  # eq 1.44
+            return cfg(*f(x, t, y), s)                                  # eq 1.44
 
     x0 = ddim_sample(eps_model, x_T, make_timesteps(num_steps, T), ac, eta=0.0,
                      progress=progress)
@@ -357,8 +343,8 @@ class NoiseConditionalClassifier(nn.Module):
     """p_φ(y | x_t, t): a small CNN with a sinusoidal timestep embedding (FiLM in every block).
 
     ``forward(x, t) -> logits`` with x (B, 1, S, S) and t an int or (B,) long tensor in
-    [0, 1000); logits (B, 10). Trained on x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (seed 000 eq 1.2) for t
-    uniform, so ∇_x log p_φ(y | x_t, t) is the term classifier guidance adds (seed 000 eq 1.30).
+    [0, 1000); logits (B, 10). Trained on x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (Ahmad's notes, eq 1.2) for t
+    uniform, so ∇_x log p_φ(y | x_t, t) is the term classifier guidance adds (Ahmad's notes, eq 1.30).
     Raises ``ValueError`` naming ``x`` or ``t`` for bad shapes / out-of-range steps.
     """
 
@@ -388,7 +374,7 @@ class NoiseConditionalClassifier(nn.Module):
         if tuple(x.shape[1:]) != (1, self.image_size, self.image_size):
             raise ValueError(f"x must have shape (B, 1, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
-        t = _batch_t(t, x)
+        t = batch_timesteps(t, x, T)
         dtype = self.conv_in.weight.dtype
         temb = self.t_mlp(timestep_embedding(t, self.t_dim).to(dtype))
         h = self.conv_in(x.to(dtype))
@@ -500,7 +486,7 @@ def heldout_eps_loss(unet, t: int = 500, n_noise: int = 4, seed: int = 0, y="tru
 
 
 def train_unet(args) -> None:
-    """``train-unet``: the ε-loss (seed 000, eq 1.8) with label dropout to NULL_CLASS, EMA weights;
+    """``train-unet``: the ε-loss (Ahmad's notes, eq 1.8) with label dropout to NULL_CLASS, EMA weights;
     saves ``weights/digits/unet`` and records time, steps and threads in TRAINING.json."""
     from tqdm.auto import tqdm
 

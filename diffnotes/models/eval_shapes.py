@@ -11,7 +11,7 @@ per prompt, records the cross-attention (:mod:`diffnotes.attention`), and asks f
 * **position**: the object's centroid, nearest of the generator's left / center / right
   columns (``size`` by area, reported but without a goal);
 * **attention faithfulness**: the object noun's cross-attention map averaged over all steps and
-  all cross-attention layers (seed 000 eq 1.47; notes_editing §2), upsampled to 64×64,
+  all cross-attention layers (Ahmad's notes, eqs 1.47 and 3.1), upsampled to 64×64,
   min-max normalised and thresholded at ``threshold`` (default 0.5), against the object's mask;
   mean IoU over the sample.
 

@@ -1,9 +1,10 @@
 """An analytic Gaussian mixture: exact noised densities, scores, ε* and class posteriors.
 
-Data x_0 ~ Σ_c π_c N(μ_c, diag(s_c²)). Under the forward kernel (seed 000, eq 1.3) each component
+Data x_0 ~ Σ_c π_c N(μ_c, diag(s_c²)). Under the forward kernel (Ahmad's notes, eq 1.3) each component
 stays Gaussian: x_t | c ~ N(√ᾱ_t μ_c, diag(v_c)), v_c = ᾱ_t s_c² + 1 − ᾱ_t. Hence, exactly,
 
-    ∇ log p_t(x | c) = −(x − √ᾱ_t μ_c) / v_c,    ε*_c(x, t) = −√(1−ᾱ_t) ∇ log p_t(x | c)  (003 L244),
+    ∇ log p_t(x | c) = −(x − √ᾱ_t μ_c) / v_c,    ε*_c(x, t) = −√(1−ᾱ_t) ∇ log p_t(x | c)  (Zhu's slides,
+                                                   "SDE-based Generative Models: DDPM and SDE point of views"),
     p_t(c | x) ∝ π_c N(x; √ᾱ_t μ_c, v_c),        ∇ log p_t(x) = Σ_c p_t(c | x) ∇ log p_t(x | c).
 
 No training: every sampler and guidance rule can be tested against exact answers.

@@ -5,6 +5,13 @@
 ``load_pipeline("sd-1.5")`` and ``load_pipeline("sd-2.1-base")`` go through the same call with a
 Hugging Face Hub repository id; they need the weights (a GPU machine with internet access, e.g.
 Colab). Without them the call fails with one :class:`WeightsUnavailableError` that says so.
+
+``load_pipeline("sd-1.5-layout-tiny")`` builds (no files, no download) a randomly initialised
+pipeline with Stable Diffusion 1.5's block layout at a tiny width (:mod:`diffnotes.models.sd_tiny`):
+it proves that the SD code path runs and that no function hard-codes the shapes model's layout.
+With the environment variable ``DIFFNOTES_SIMULATE_GPU=1`` (:func:`diffnotes.utils.simulating_gpu`)
+``"sd-1.5"`` and ``"sd-2.1-base"`` return that pipeline (CPU, float32) instead of touching the
+Hub, so the chapters' "On a GPU" cells run on every build.
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_pipeline", "KNOWN_MODELS", "SHAPES_DIR", "WeightsUnavailableError"]
+__all__ = ["load_pipeline", "KNOWN_MODELS", "SIMULATED_MODELS", "SHAPES_DIR",
+           "WeightsUnavailableError"]
 
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "weights" / "shapes"
 
@@ -22,7 +30,10 @@ KNOWN_MODELS: dict[str, tuple[str, ...]] = {
     "shapes": (str(SHAPES_DIR),),
     "sd-1.5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
     "sd-2.1-base": ("stabilityai/stable-diffusion-2-1-base",),
+    "sd-1.5-layout-tiny": (),     # built from diffnotes/configs/sd15_layout_tiny.json, no files
 }
+#: the names that :func:`diffnotes.utils.simulating_gpu` replaces by ``"sd-1.5-layout-tiny"``.
+SIMULATED_MODELS = ("sd-1.5", "sd-2.1-base")
 
 
 class WeightsUnavailableError(OSError):
@@ -48,18 +59,54 @@ def _make_scheduler(kind: str, config):
     raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {kind!r}")
 
 
+class _NoTorchvisionFallbackNotice:
+    """Drops transformers' "`XImageProcessor` requires torchvision ...; falling back to ..." notice."""
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not ("requires torchvision" in msg and "falling back to" in msg)
+
+
+def _sd_pipeline_class():
+    """``diffusers.StableDiffusionPipeline``, imported without transformers' torchvision notice.
+
+    Importing it makes transformers (≥ 5) resolve ``CLIPImageProcessor`` and
+    ``SiglipImageProcessor``; without torchvision it substitutes their PIL versions and logs one
+    "requires torchvision ... falling back to ..." line per class, which then showed up in the
+    book's pages. diffnotes never uses an image processor (no safety checker, no feature
+    extractor), so exactly that notice, from that one logger and only during this import, is
+    dropped; every other message is left alone.
+    """
+    import logging
+    log = logging.getLogger("transformers.utils.import_utils")
+    quiet = _NoTorchvisionFallbackNotice()
+    log.addFilter(quiet)
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        log.removeFilter(quiet)
+    return StableDiffusionPipeline
+
+
 def load_pipeline(name: str = "shapes", device=None, dtype=None, scheduler: str = "ddim"):
     """Load a ``diffusers.StableDiffusionPipeline`` by name.
 
     Parameters
     ----------
-    name : ``"shapes"`` (shipped, offline), ``"sd-1.5"`` or ``"sd-2.1-base"`` (Hub weights).
+    name : ``"shapes"`` (shipped, offline), ``"sd-1.5"`` or ``"sd-2.1-base"`` (Hub weights), or
+        ``"sd-1.5-layout-tiny"`` (SD 1.5's block layout, random weights with a fixed seed, built
+        from ``diffnotes/configs/sd15_layout_tiny.json``; default image 320×320, attention maps
+        40, 20, 10, 5; see :mod:`diffnotes.models.sd_tiny`).
+        With ``DIFFNOTES_SIMULATE_GPU=1`` (:func:`diffnotes.utils.simulating_gpu`),
+        ``"sd-1.5"`` and ``"sd-2.1-base"`` return ``"sd-1.5-layout-tiny"`` on the CPU in float32
+        (``device`` and ``dtype`` are then ignored: a cell written for a CUDA float16 machine
+        runs unchanged); nothing is downloaded.
     device : torch device or string; default :func:`diffnotes.utils.pick_device` for Stable
-        Diffusion and ``"cpu"`` for ``"shapes"``.
-    dtype : torch dtype; default float32 for ``"shapes"``, :func:`diffnotes.utils.pick_dtype`
-        (float16 on CUDA) for Stable Diffusion.
+        Diffusion and ``"cpu"`` for ``"shapes"`` and ``"sd-1.5-layout-tiny"``.
+    dtype : torch dtype; default float32 for ``"shapes"`` and ``"sd-1.5-layout-tiny"``,
+        :func:`diffnotes.utils.pick_dtype` (float16 on CUDA) for Stable Diffusion.
     scheduler : ``"ddim"`` (default) or ``"ddpm"``; built from the model's own scheduler config
-        (SD's scaled-linear schedule, seed 000 §1.5).
+        (SD's scaled-linear schedule, Ahmad's notes, §1.5).
 
     The safety checker is not loaded (``safety_checker=None``). Progress bars are disabled.
 
@@ -72,9 +119,15 @@ def load_pipeline(name: str = "shapes", device=None, dtype=None, scheduler: str 
         raise ValueError(f"name must be one of {sorted(KNOWN_MODELS)}, got {name!r}")
     if scheduler not in ("ddim", "ddpm"):
         raise ValueError(f"scheduler must be 'ddim' or 'ddpm', got {scheduler!r}")
-    from diffusers import StableDiffusionPipeline
-    from diffnotes.utils import pick_device, pick_dtype
+    StableDiffusionPipeline = _sd_pipeline_class()
+    from diffnotes.utils import pick_device, pick_dtype, simulating_gpu
 
+    if name in SIMULATED_MODELS and simulating_gpu():
+        name, device, dtype = "sd-1.5-layout-tiny", "cpu", torch.float32
+    if name == "sd-1.5-layout-tiny":
+        from diffnotes.models import sd_tiny
+        return sd_tiny.make_pipeline(scheduler, device=device or "cpu",
+                                     dtype=dtype or torch.float32)
     if name == "shapes":
         device = torch.device(device) if device is not None else torch.device("cpu")
         dtype = dtype or torch.float32

@@ -1,4 +1,4 @@
-"""The UNet's table of feature and attention shapes, computed, not copied (seed 000 §1.5, Table 1).
+"""The UNet's table of feature and attention shapes, computed, not copied (Ahmad's notes, §1.5.1, Table 1).
 
 Stable Diffusion's UNet configs ship with the package (``diffnotes/configs/sd15_unet.json``,
 ``sd21_base_unet.json``; no weights). :func:`meta_unet` builds the model on PyTorch's ``meta``
@@ -129,7 +129,7 @@ def shape_tables(unet, height: int | None = None, width: int | None = None, batc
 
 
 def summarize(attention: list[dict]) -> list[dict]:
-    """Group attention rows by (place, resolution), in forward order, like the seed's Table 1:
+    """Group attention rows by (place, resolution), in forward order, like Table 1 of Ahmad's notes:
     keys ``place, res, channels, heads, layers`` (transformer blocks in the group),
     ``self_shape`` and ``cross_shape`` (probability-matrix shapes, ``None`` if absent)."""
     groups: "OrderedDict[tuple, dict]" = OrderedDict()
@@ -144,7 +144,7 @@ def summarize(attention: list[dict]) -> list[dict]:
     return list(groups.values())
 
 
-#: The seed's Table 1 (000 §1.5), transcribed: (row label, place, resolution side, channels,
+#: Table 1 of Ahmad's notes (§1.5.1), transcribed: (row label, place, resolution side, channels,
 #: self-attention matrix, cross-attention matrix); matrices as printed, "B ×" dropped.
 SEED_TABLE_1 = [
     ("Before Down Layer 1", "down", 64, 320, (4096, 4096), (4096, 77)),
@@ -162,7 +162,7 @@ def compare_with_seed(summary: list[dict]) -> list[dict]:
     """Row-by-row comparison of a :func:`summarize` table (SD at 512×512, batch 1) with
     :data:`SEED_TABLE_1`. Returns one dict per seed row: ``label, seed_channels, channels,
     seed_self, self, seed_cross, cross, heads, agrees`` where matrices are compared per head
-    (the seed omits the head dimension: the real matrix is ``(B·heads) × N × M``)."""
+    (the notes omit the head dimension: the real matrix is ``(B·heads) × N × M``)."""
     by_key = {(g["place"], g["res"][0]): g for g in summary}
     out = []
     for label, place, res, ch, s_self, s_cross in SEED_TABLE_1:

@@ -1,6 +1,7 @@
 """The tiny text-to-image model trained on captioned shapes: Stable Diffusion's parts, shrunk.
 
-Same classes as Stable Diffusion 1.x (seed 000 §1.5; seed 004), only smaller:
+Same classes as Stable Diffusion 1.x (Ahmad's notes, §1.5; Gormley & Chai's lecture, the "Latent
+Diffusion Model" and "LDM" slides), only smaller:
 
 * ``AutoencoderKL``: 64×64×3 image ↔ 16×16×4 latent (eq 1.37 encoder E, eq 1.42 decoder D);
 * ``CLIPTextModel`` (causal self-attention, no padding mask, as in CLIP) with a word-level
@@ -94,7 +95,7 @@ def make_tokenizer(max_length: int = MAX_LENGTH):
 
 
 def make_vae():
-    """Untrained tiny ``AutoencoderKL``: 64×64×3 ↔ 16×16×4 (seed 000, eqs 1.37 and 1.42)."""
+    """Untrained tiny ``AutoencoderKL``: 64×64×3 ↔ 16×16×4 (Ahmad's notes, eqs 1.37 and 1.42)."""
     from diffusers import AutoencoderKL
     return AutoencoderKL(**VAE_CONFIG)
 

@@ -3,12 +3,12 @@
 - :func:`make_dataset`: two moons or a swiss roll from scikit-learn, seeded, centred and scaled
   to unit variance (one scale for both axes, so the shape is kept).
 - :class:`ToyMLP`: ``eps_model(x, t)`` — an MLP on (x, sinusoidal embedding of t).
-- :func:`train_toy2d`: Algorithm 1 of seed 000 (the ε-loss, eq 1.8) with
+- :func:`train_toy2d`: Algorithm 1 of Ahmad's notes (the ε-loss, eq 1.8) with
   :func:`diffnotes.ddpm.ddpm_loss`, Adam and a cosine learning-rate decay.
 - :func:`sliced_wasserstein`: a simple distance between two point clouds, to score samples.
 - :func:`load_toy2d`: the shipped weights (``diffnotes/weights/toy2d/<name>.safetensors``), so a
   later chapter need not retrain; ``python -m diffnotes.models.toy2d`` retrains and rewrites
-  them (seed 0, 2000 steps, the settings of the DDPM chapter).
+  them (random seed = 0, 2000 steps, the settings of the DDPM chapter).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class ToyMLP(nn.Module):
 def train_toy2d(data: torch.Tensor, steps: int = 2000, generator: torch.Generator | None = None,
                 progress: bool = True, batch_size: int = 256, lr: float = 5e-3,
                 alphas_cumprod: torch.Tensor | None = None, hidden: int = 128):
-    """Train a :class:`ToyMLP` on ``data`` (N, 2) with the DDPM ε-loss (seed 000, Algorithm 1).
+    """Train a :class:`ToyMLP` on ``data`` (N, 2) with the DDPM ε-loss (Ahmad's notes, Algorithm 1).
 
     Each step draws a batch of ``batch_size`` rows, one t and one ε per row (through
     :func:`diffnotes.ddpm.ddpm_loss`, eq 1.8), from ``generator``; the weights are initialised
@@ -203,7 +203,8 @@ def load_toy2d(name: str = "moons", train_if_missing: bool = True, progress: boo
     """The shipped :class:`ToyMLP` for dataset ``name`` (in eval mode, float32).
 
     If the weights file is missing and ``train_if_missing``, trains one with the shipped
-    settings (seed 0, 2000 steps on 4000 points, the other arguments at their defaults) instead. Raises ``ValueError`` for an unknown
+    settings (random seed = 0, 2000 steps on 4000 points, the other arguments at their
+    defaults) instead. Raises ``ValueError`` for an unknown
     ``name`` and ``FileNotFoundError`` if the file is missing and training is off.
     """
     if name not in DATASETS:

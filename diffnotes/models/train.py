@@ -1,6 +1,7 @@
 """Train the shipped tiny text-to-image model: ``python -m diffnotes.models.train shapes``.
 
-Two stages, like Stable Diffusion (seed 004; seed 000 §1.5):
+Two stages, like Stable Diffusion (Gormley & Chai's lecture, slides "LDM: Autoencoder" and
+"LDM: with DDPM"; Ahmad's notes, §1.5):
 
 (a) the ``AutoencoderKL`` on images alone: reconstruction (MSE + L1) plus a small KL term;
     afterwards ``scaling_factor`` is set to 1/std of the latents (SD's 0.18215 was chosen the
@@ -15,7 +16,7 @@ Two stages, like Stable Diffusion (seed 004; seed 000 §1.5):
     object noun's cross-attention map to lie on that object's mask; ``--attn-weight 0`` turns it
     off. It makes the attention maps, which the editing chapters use as an instrument, sharp.
 
-(a') optionally (``--decoder-steps``) the decoder alone, on the frozen encoder's latents, so the
+(a') (``--decoder-steps``, 0 to skip) the decoder alone, on the frozen encoder's latents, so the
     latent space the UNet learns does not move.
 
 ``--init-from DIR`` continues training an earlier run's weights; its TRAINING.json is embedded and
@@ -27,7 +28,12 @@ code runs on one CPU, several CPU processes or several GPUs:
 ``accelerate launch -m diffnotes.models.train shapes``). On a busy shared CPU, two one-thread
 processes were ~5× faster per step than one process with two threads (which spin at barriers).
 It writes a ``StableDiffusionPipeline`` directory (safetensors) and ``TRAINING.json`` (wall
-time, CPU time, steps, threads, date, command).
+time, CPU time, steps, threads, date, command, and every setting: ``asdict`` of the run's
+:class:`TrainConfig`).
+
+The defaults are the shipped recipe, :data:`SHIPPED`: ``python -m diffnotes.models.train shapes``
+with no options retrains what ships (all stages in one run; see :data:`SHIPPED` for how that
+differs from the two runs that made the shipped weights). Options override single settings.
 """
 from __future__ import annotations
 
@@ -38,55 +44,32 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffnotes.attention import AttentionCollector, RecordingAttnProcessor
+from diffnotes.ddpm import q_sample
+from diffnotes.utils import check_range
+
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "weights" / "shapes"
 
 
 # ------------------------------------------------------------------------- attention recording
-class _AttnStore:
-    """Collects head-averaged cross-attention probabilities during one UNet call."""
-
-    def __init__(self):
-        self.active = False
-        self.maps: list[torch.Tensor] = []
-
-
-class _RecordingCrossAttnProcessor:
-    """Plain (non-SDPA) attention that also stores softmax(QK^T/√d) (eq 1.47) head-averaged,
-    shape (B, HW, M), when ``store.active``."""
-
-    def __init__(self, store: _AttnStore):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, **kwargs):
-        b, n, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(context))
-        v = attn.head_to_batch_dim(attn.to_v(context))
-        p = attn.get_attention_scores(q, k, None)              # (B·heads, HW, M), eq 1.47
-        if self.store.active:
-            self.store.maps.append(p.view(b, attn.heads, n, -1).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(p, v))
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out
-
-
-def _install_recorder(unet, store):
-    """Recording processors on cross-attention (attn2); PyTorch's fused scaled-dot-product
-    attention on self-attention (attn1), whose 256×256 maps at 16×16 are the costliest part of
-    a training step on a CPU (~30% fewer seconds per sample than the plain processor)."""
+def _install_recorder(unet, collector: AttentionCollector):
+    """diffnotes.attention's recording processor on cross-attention (attn2), handing the
+    head-averaged softmax(QK^T/√d) (eq 1.47) with its graph to ``collector``; PyTorch's fused
+    scaled-dot-product attention on self-attention (attn1), whose 256×256 maps at 16×16 are the
+    costliest part of a training step on a CPU (~30% fewer seconds per sample than the plain
+    processor)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
     procs = {}
     for name in unet.attn_processors:
-        procs[name] = _RecordingCrossAttnProcessor(store) if name.endswith("attn2.processor") \
-            else AttnProcessor2_0()
+        procs[name] = (RecordingAttnProcessor(collector, name[: -len(".processor")])
+                       if name.endswith("attn2.processor") else AttnProcessor2_0())
     unet.set_attn_processor(procs)
 
 
@@ -352,7 +335,7 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
                                          drop_last=True, generator=torch.Generator().manual_seed(args.seed + 1))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    store = _AttnStore()
+    store = AttentionCollector(active=False)
     _install_recorder(unet, store)
     unet, text_encoder, opt, loader = accelerator.prepare(unet, text_encoder, opt, loader)
     unet.train(); text_encoder.train()
@@ -371,16 +354,15 @@ def train_denoiser(unet, text_encoder, latents, data, empty_ids, scheduler, args
         valid = valid & ~drop[:, None].to(valid.device)
         noise = torch.randn(z0.shape, generator=g).to(z0.device)
         t = torch.randint(0, len(acp), (B,), generator=g).to(z0.device)
-        ab = acp[t].view(B, 1, 1, 1)
         z0 = z0 * args.scaling_factor
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise                            # eq 1.38
+        zt = q_sample(z0, t, acp, noise)                                         # eq 1.38
         store.maps = []
         store.active = args.attn_weight > 0
         hidden = text_encoder(ids)[0]
         eps = unet(zt, t, hidden).sample
         store.active = False
         cover = (m16.float().sum(1) > 0.01).float().view(B, 1, *z0.shape[-2:])
-        per_sample = eps_loss(eps, noise, ab.view(B), cover, args.object_weight, args.min_snr_gamma)
+        per_sample = eps_loss(eps, noise, acp[t], cover, args.object_weight, args.min_snr_gamma)
         loss_eps = per_sample.mean()
         loss = loss_eps
         if args.attn_weight > 0 and store.maps:
@@ -427,12 +409,96 @@ def save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler):
     return pipe
 
 
+# ------------------------------------------------------------------------- the recipe
+def _probs3(text: str) -> tuple:
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3 or min(v) < 0 or sum(v) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--object-count-probs must be three non-negative numbers like 0.6,0.25,0.15, got {text!r}")
+    return v
+
+
+def _opt(default, help: str = "", **argparse_kw):
+    """A config field with its command-line help (``--name-with-dashes``)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kw))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of ``python -m diffnotes.models.train shapes``; the defaults are the shipped
+    recipe (:data:`SHIPPED`). Each field is the command-line option ``--field-name``."""
+
+    # budget and step counts (the counts are the shipped run's; the budget stops a slower run)
+    minutes: float = _opt(60.0, "total wall-time budget")
+    vae_steps: int = _opt(800, "autoencoder steps, stage (a)")
+    vae_fraction: float = _opt(0.12, "fraction of the budget the VAE stage may use at most")
+    decoder_steps: int = _opt(300, "decoder-only steps on the frozen encoder's latents, "
+                                   "stage (a') (0: none)")
+    decoder_fraction: float = _opt(0.05, "fraction of the budget the decoder stage may use at most")
+    steps: int = _opt(3798, "max UNet+text steps, stage (b) (the time budget also caps)")
+    # data
+    n_scenes: int = _opt(20000, "number of generated training scenes")
+    textured_fraction: float = _opt(0.1, "fraction of scenes drawn with textured=True "
+                                         "(the rest plain)")
+    object_count_probs: tuple | None = _opt(
+        (0.7, 0.2, 0.1), "probabilities of 1, 2, 3 objects per scene, e.g. 0.6,0.25,0.15",
+        type=_probs3)
+    # stage (a), (a'): the autoencoder
+    vae_batch_size: int = _opt(16)
+    vae_crop: int = _opt(32, "train the VAE on random crops of this size")
+    vae_lr: float = _opt(2e-3)
+    kl_weight: float = _opt(1e-3, "weight of the per-dim KL")
+    decoder_lr: float = _opt(1e-3)
+    # stage (b): text encoder + UNet
+    batch_size: int = _opt(32, "per process")
+    lr: float = _opt(1e-3)
+    ema_decay: float = _opt(0.997)
+    cond_drop: float = _opt(0.1, "empty-caption probability (CFG)")
+    min_snr_gamma: float = _opt(5.0, "Min-SNR-γ loss weighting of the ε-loss "
+                                     "(0: plain, unweighted eq 1.41)")
+    object_weight: float = _opt(4.0, "extra ε-loss weight λ on latent pixels near an object "
+                                     "(0 = off)")
+    attn_weight: float = _opt(0.1, "weight of the noun-attention/mask loss (0 disables)")
+    seed: int = _opt(0)
+    # where and how it runs (not part of the recipe's numbers)
+    threads: int = _opt(1, "torch CPU threads (1: on a busy shared CPU, 2 threads spin at "
+                           "barriers)")
+    cpu: bool = _opt(False, "force CPU even if a GPU is present")
+    out: str = _opt(str(DEFAULT_OUT), "output pipeline directory")
+    checkpoint_dir: str | None = _opt(None, "save EMA checkpoints here")
+    checkpoint_minutes: float = _opt(10.0)
+    init_from: str | None = _opt(None, "pipeline directory to continue training from "
+                                       "(UNet, text encoder, VAE)")
+    vae_from: str | None = _opt(None, "pipeline/checkpoint directory whose trained VAE to reuse "
+                                      "(skips stage a)")
+
+
+#: The recipe of the shipped ``diffnotes/weights/shapes`` (its TRAINING.json records the runs).
+#: The shipped weights came from two commands: an autoencoder run (stages a and a', whose
+#: settings are the ``vae_*``/``decoder_*`` ones here, on 12 000 scenes of a slightly different
+#: mix), then the UNet and text encoder (stage b, these settings) with ``--vae-from`` that
+#: autoencoder, for a 54-minute budget. SHIPPED trains all stages in one run, on one data set,
+#: with the same settings, so ``python -m diffnotes.models.train shapes`` alone retrains it
+#: (the shipped run used two one-thread processes, ``torchrun --standalone --nproc_per_node 2
+#: -m diffnotes.models.train shapes``; ``batch_size`` is per process). Step counts and the
+#: learning-rate schedule follow the wall clock too, so a retrain is close to, not bitwise, the
+#: shipped weights.
+SHIPPED = TrainConfig()
+
+
 # ------------------------------------------------------------------------- entry point
-def train_shapes(args) -> dict:
-    """The whole run: data, stage (a) or a reused VAE, optional decoder stage, stage (b), save,
-    and the TRAINING.json record (command, wall and CPU time, threads, steps) it returns."""
+def train_shapes(cfg: TrainConfig = SHIPPED, argv=None) -> dict:
+    """The whole run of ``cfg``: data, stage (a) or a reused VAE, optional decoder stage,
+    stage (b), save, and the TRAINING.json record it returns (command line ``argv``, default
+    :func:`config_argv`; the config as ``asdict``; wall and CPU time, threads, steps done)."""
     from accelerate import Accelerator
     from diffnotes.models import shapes as M
+
+    args = replace(cfg)               # a copy: the run fills in vae_from, scaling_factor, ...
+    args.argv = list(argv) if argv is not None else config_argv(cfg)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -523,14 +589,9 @@ def train_shapes(args) -> dict:
             num_processes=accelerator.num_processes,
             machine=f"{platform.machine()}, {os.cpu_count()} logical CPUs",
             load_average_at_start=load_at_start,
-            torch=torch.__version__, vae_steps=vae_steps, vae_batch_size=args.vae_batch_size, vae_crop=args.vae_crop,
-            unet_steps=steps, batch_size=args.batch_size, n_scenes=args.n_scenes,
-            lr=args.lr, vae_lr=args.vae_lr, kl_weight=args.kl_weight, cond_drop=args.cond_drop,
-            attn_weight=args.attn_weight, textured_fraction=args.textured_fraction, ema_decay=args.ema_decay,
-            min_snr_gamma=args.min_snr_gamma, object_weight=args.object_weight, object_count_probs=args.object_count_probs,
-            scaling_factor=sf, seed=args.seed, total_size_bytes=size,
-            decoder_steps=decoder_steps, decoder_lr=args.decoder_lr,
-            vae_from=args.vae_from, vae_record=vae_record, init_from=args.init_from,
+            torch=torch.__version__, config=asdict(args),          # every setting of the run
+            vae_steps=vae_steps, decoder_steps=decoder_steps, unet_steps=steps,  # steps done
+            scaling_factor=sf, total_size_bytes=size, vae_record=vae_record,
             init_record=getattr(args, "init_record", None),
             total_wall_time_s=round(wall + _previous_wall(args, vae_record), 1),
             note=("Stage (a) VAE: MSE+L1+KL. Stage (b) text encoder + UNet: eps-loss on "
@@ -560,78 +621,56 @@ def _previous_wall(args, vae_record) -> float:
     return 0.0
 
 
-def _probs3(text: str) -> tuple[float, float, float]:
-    try:
-        v = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        v = ()
-    if len(v) != 3 or min(v) < 0 or sum(v) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"--object-count-probs must be three non-negative numbers like 0.6,0.25,0.15, got {text!r}")
-    return v
-
-
 def build_parser():
-    """The command-line options of ``python -m diffnotes.models.train shapes``."""
+    """The command-line options of ``python -m diffnotes.models.train shapes``: one per field of
+    :class:`TrainConfig`, defaulting to :data:`SHIPPED`."""
     p = argparse.ArgumentParser(prog="python -m diffnotes.models.train",
                                 description="Train the shipped tiny text-to-image model.")
     p.add_argument("model", choices=["shapes"], help="which model to train")
-    p.add_argument("--minutes", type=float, default=40.0, help="total wall-time budget")
-    p.add_argument("--vae-fraction", type=float, default=0.18,
-                   help="fraction of the budget the VAE stage may use at most")
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--steps", type=int, default=100000, help="max UNet+text steps (time also caps)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--vae-crop", type=int, default=32, help="train the VAE on random crops")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the per-dim KL")
-    p.add_argument("--cond-drop", type=float, default=0.1, help="empty-caption probability (CFG)")
-    p.add_argument("--attn-weight", type=float, default=0.1,
-                   help="weight of the noun-attention/mask loss (0 disables)")
-    p.add_argument("--decoder-steps", type=int, default=0,
-                   help="extra decoder-only steps on the frozen encoder's latents (0: none)")
-    p.add_argument("--decoder-fraction", type=float, default=0.35,
-                   help="fraction of the budget the decoder stage may use at most")
-    p.add_argument("--decoder-lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--n-scenes", type=int, default=8000)
-    p.add_argument("--object-count-probs", type=_probs3, default=None,
-                   help="probabilities of 1, 2, 3 objects per scene, e.g. 0.6,0.25,0.15 "
-                        "(default: the generator's 0.5,0.3,0.2)")
-    p.add_argument("--object-weight", type=float, default=0.0,
-                   help="extra ε-loss weight λ on latent pixels covered by an object (0 = off)")
-    p.add_argument("--min-snr-gamma", type=float, default=5.0,
-                   help="Min-SNR-γ loss weighting of the ε-loss (0: plain, unweighted eq 1.41)")
-    p.add_argument("--textured-fraction", type=float, default=1.0,
-                   help="fraction of scenes drawn with textured=True (the rest plain)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a busy shared CPU, 2 threads spin at barriers)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true", help="force CPU even if a GPU is present")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--checkpoint-dir", default=None, help="save EMA checkpoints here")
-    p.add_argument("--init-from", default=None,
-                   help="pipeline directory to continue training from (UNet, text encoder, VAE)")
-    p.add_argument("--vae-from", default=None,
-                   help="pipeline/checkpoint directory whose trained VAE to reuse (skips stage a)")
-    p.add_argument("--checkpoint-minutes", type=float, default=8.0)
+    for f in fields(TrainConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        default = getattr(SHIPPED, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=default, **kw)
+            continue
+        kw.setdefault("type", type(default) if default is not None else str)
+        p.add_argument(flag, default=default, **kw)
     return p
 
 
-def main(argv=None):
-    """Entry point: validate the options, then :func:`train_shapes`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+def parse_config(argv) -> TrainConfig:
+    """The :class:`TrainConfig` of a command line (``["shapes", "--lr", "2e-3"]``), validated."""
+    ns = vars(build_parser().parse_args(list(argv)))
+    cfg = TrainConfig(**{f.name: ns[f.name] for f in fields(TrainConfig)})
     for name in ("minutes", "lr", "vae_lr"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.cond_drop < 1:
-        raise ValueError(f"--cond-drop must be in [0, 1), got {args.cond_drop}")
+        check_range(getattr(cfg, name), f"--{name.replace('_', '-')}", 0, None, lo_open=True)
+    check_range(cfg.cond_drop, "--cond-drop", 0, 1, hi_open=True)
+    return cfg
+
+
+def config_argv(cfg: TrainConfig) -> list[str]:
+    """The shortest command line of ``cfg``: ``["shapes"]`` and the options that differ from
+    :data:`SHIPPED` (``parse_config(config_argv(cfg)) == cfg``)."""
+    argv = ["shapes"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if value == getattr(SHIPPED, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag)
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return argv
+
+
+def main(argv=None):
+    """Entry point: the config of the command line (no options: :data:`SHIPPED`), then
+    :func:`train_shapes`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return train_shapes(args)
+    return train_shapes(cfg, argv)
 
 
 if __name__ == "__main__":

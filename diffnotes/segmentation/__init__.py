@@ -1,4 +1,4 @@
-"""Segmentation (seed 000, §5.2–5.7): metrics and losses, the Ising/Potts graph cut, FDA, and
+"""Segmentation (Ahmad's notes, §5.2–5.7): metrics and losses, the Ising/Potts graph cut, FDA, and
 the unsupervised methods PACL, PiCIE and STEGO.
 
 This package imports nothing on purpose: import the submodule you need, e.g.

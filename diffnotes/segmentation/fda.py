@@ -1,4 +1,4 @@
-"""Fourier Domain Adaptation (seed 000, §5.7, eqs 5.29–5.32; Yang & Soatto 2020).
+"""Fourier Domain Adaptation (Ahmad's notes, §5.7, eqs 5.29–5.32; Yang & Soatto 2020).
 
 FDA restyles a source image as the target domain by swapping the low-frequency part of the
 Fourier amplitude: with A and P the amplitude and phase of the 2-D DFT (eq 5.29),
@@ -7,7 +7,7 @@ Fourier amplitude: with A and P the amplitude and phase of the 2-D DFT (eq 5.29)
 
 where M_β is a centred square of the *shifted* spectrum: rows c_h−b … c_h+b and columns
 c_w−b … c_w+b (inclusive), b = ⌊β·min(H, W)⌋, c = ⌊size/2⌋ (the paper's released code; the
-seed's mask is garbled, erratum ``erratum-seg-fda-mask``). β = 0 swaps the DC term alone.
+mask printed in Ahmad's notes is garbled, erratum ``erratum-seg-fda-mask``). β = 0 swaps the DC term alone.
 
 Also the target-domain entropy loss with the Charbonnier penalty ρ(x) = (x² + ε²)^η (eq 5.32).
 """
@@ -44,7 +44,7 @@ def _check_image(x, name: str):
 
 
 def fda_mask(H: int, W: int, beta: float) -> np.ndarray:
-    """M_β in *shifted* coordinates: True on rows c_h−b…c_h+b, cols c_w−b…c_w+b (seed 000, eq 5.30).
+    """M_β in *shifted* coordinates: True on rows c_h−b…c_h+b, cols c_w−b…c_w+b (Ahmad's notes, eq 5.30).
 
     b = ⌊β·min(H, W)⌋, c_h = ⌊H/2⌋, c_w = ⌊W/2⌋ (after ``fftshift`` the DC term sits at
     (c_h, c_w)). The square is clipped to the array. Returns a bool array (H, W).
@@ -57,7 +57,7 @@ def fda_mask(H: int, W: int, beta: float) -> np.ndarray:
 
 
 def amplitude_phase(x):
-    """Amplitude |F(x)| and phase ∠F(x) of the 2-D DFT over the last two axes (seed 000, eq 5.29).
+    """Amplitude |F(x)| and phase ∠F(x) of the 2-D DFT over the last two axes (Ahmad's notes, eq 5.29).
 
     ``x``: numpy array or torch tensor (..., H, W). Returns ``(amplitude, phase)`` of the same
     type, unshifted (DC at index [0, 0]).
@@ -70,7 +70,7 @@ def amplitude_phase(x):
 
 
 def fda(source, target, beta: float):
-    """Source image with the target's low-frequency amplitude (seed 000, eq 5.30).
+    """Source image with the target's low-frequency amplitude (Ahmad's notes, eq 5.30).
 
     ``source`` and ``target``: the same shape, (H, W), (C, H, W) or (B, C, H, W), channels first,
     both numpy arrays or both torch tensors (float64 recommended). ``beta`` in [0, 0.5]: half-side
@@ -113,7 +113,7 @@ def fda(source, target, beta: float):
 
 
 def charbonnier(x, eta: float = 2.0, eps: float = 1e-3):
-    """Charbonnier penalty ρ(x) = (x² + ε²)^η (seed 000, after eq 5.32), elementwise.
+    """Charbonnier penalty ρ(x) = (x² + ε²)^η (Ahmad's notes, after eq 5.32), elementwise.
 
     η = 0.5 is the classic robust (≈|x|) penalty; FDA trains with η = 2, which weighs
     high-entropy pixels more than low-entropy ones. Works on tensors and arrays.
@@ -145,7 +145,7 @@ def entropy_map(logits: torch.Tensor, normalize: bool = False) -> torch.Tensor:
 
 def entropy_loss(logits: torch.Tensor, eta: float = 2.0, eps: float = 1e-3,
                  normalize: bool = False, reduction: str = "mean") -> torch.Tensor:
-    """FDA's target entropy loss Σ_pixels ρ(−⟨φ(x_t), log φ(x_t)⟩) (seed 000, eq 5.32).
+    """FDA's target entropy loss Σ_pixels ρ(−⟨φ(x_t), log φ(x_t)⟩) (Ahmad's notes, eq 5.32).
 
     ``logits``: (B, K, H, W) or (K, H, W) network scores on target images; ρ is
     :func:`charbonnier` with exponent ``eta`` and ``eps`` (the paper's 0.001). ``reduction``:

@@ -1,4 +1,4 @@
-"""Ising and Potts models for segmentation (seed 000, §5.3, eqs 5.5–5.11).
+"""Ising and Potts models for segmentation (Ahmad's notes, §5.3, eqs 5.5–5.11).
 
 Conventions: a 4-connected H×W grid; label 1 is foreground, 0 background (the Ising spin is
 s = 2·label − 1). A labelling ``x`` of shape (H, W) with values in 0..K−1 has the energy
@@ -6,7 +6,7 @@ s = 2·label − 1). A labelling ``x`` of shape (H, W) with values in 0..K−1 h
     E(x) = Σ_i unary[x_i, i] + Σ_{i→j right} w_right[i]·[x_i ≠ x_j] + Σ_{i↓j} w_down[i]·[x_i ≠ x_j]
 
 with ``unary`` (K, H, W), ``w_right`` (H, W−1) and ``w_down`` (H−1, W), all weights ≥ 0. This is
-the corrected form of the seed's eq 5.7 (the seed's +J s_i s_j with J > 0 rewards disagreement,
+the corrected form of eq 5.7 of Ahmad's notes (their +J s_i s_j with J > 0 rewards disagreement,
 see erratum ``erratum-seg-ising-sign``); since s_i s_j = 1 − 2[s_i ≠ s_j], the Ising term
 −J s_i s_j is 2J[s_i ≠ s_j] up to a constant.
 
@@ -27,6 +27,8 @@ import math
 import maxflow
 import numpy as np
 import torch
+
+from ..utils import check_int, check_positive
 
 __all__ = ["gaussian_unary", "contrast_weights", "energy", "graph_cut", "potts_alpha_expansion",
            "brute_force_minimum", "ising_hamiltonian", "ising_gibbs", "ising_to_graph",
@@ -83,6 +85,36 @@ def _weights(w_right, w_down, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
     return wr, wd
 
 
+def _means(mu, name: str, C: int) -> np.ndarray:
+    """A class mean: a scalar or one value per channel, as a (C, 1, 1) array."""
+    m = _array(mu, name).reshape(-1)
+    if m.size not in (1, C):
+        raise ValueError(f"{name} must be a scalar or have {C} values (one per channel), "
+                         f"got {m.size}")
+    return m.reshape(-1, 1, 1)
+
+
+def _edge_weights(weights, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    """One number for every edge, or a pair ``(w_right, w_down)``, checked by :func:`_weights`."""
+    if isinstance(weights, (int, float, np.integer, np.floating)) and not isinstance(weights, bool):
+        weights = (np.full((H, W - 1), float(weights)), np.full((H - 1, W), float(weights)))
+    if not isinstance(weights, (tuple, list)) or len(weights) != 2:
+        raise ValueError(f"weights must be a pair (w_right, w_down), got {type(weights).__name__}"
+                         + (f" of length {len(weights)}" if hasattr(weights, "__len__") else ""))
+    return _weights(weights[0], weights[1], H, W)
+
+
+def _temperature(temperature, batch_shape: tuple) -> np.ndarray:
+    """Positive temperature(s): a scalar or one per chain, shaped to broadcast over (H, W)."""
+    T = _array(temperature, "temperature")
+    if np.any(T <= 0):
+        raise ValueError(f"temperature must be positive, got a minimum of {T.min()}")
+    if T.ndim and T.shape != batch_shape:
+        raise ValueError(f"temperature must be a scalar or have the batch shape {batch_shape}, "
+                         f"got {T.shape}")
+    return T.reshape(T.shape + (1, 1))
+
+
 def _labels(labels, K: int, shape: tuple) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
@@ -102,10 +134,10 @@ def _labels(labels, K: int, shape: tuple) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- the energy
 def gaussian_unary(image, mu_fg, sigma_fg, mu_bg, sigma_bg) -> np.ndarray:
-    """Negative log-likelihood costs of each label under a Gaussian per class (seed 000, eq 5.6).
+    """Negative log-likelihood costs of each label under a Gaussian per class (Ahmad's notes, eq 5.6).
 
     cost[1] = −log N(I; μ_fg, σ_fg²) = ‖I − μ_fg‖²/(2σ_fg²) + C·log σ_fg + (C/2)·log 2π, and
-    likewise cost[0] with the background parameters. The seed drops the log σ term, which is
+    likewise cost[0] with the background parameters. Ahmad's notes drop the log σ term, which is
     wrong whenever σ_fg ≠ σ_bg (erratum ``erratum-seg-unary-logsigma``).
 
     ``image``: (H, W) or channels-first (C, H, W); ``mu_*``: a scalar or C values; ``sigma_*``:
@@ -114,34 +146,22 @@ def gaussian_unary(image, mu_fg, sigma_fg, mu_bg, sigma_bg) -> np.ndarray:
     """
     img = _image(image)
     C = img.shape[0]
-    costs = []
-    for lab, mu, sig in ((0, mu_bg, sigma_bg), (1, mu_fg, sigma_fg)):
-        name = "fg" if lab else "bg"
-        mu = _array(mu, f"mu_{name}").reshape(-1)
-        if mu.size not in (1, C):
-            raise ValueError(f"mu_{name} must be a scalar or have {C} values (one per channel), "
-                             f"got {mu.size}")
-        sig = float(_array(sig, f"sigma_{name}"))
-        if sig <= 0:
-            raise ValueError(f"sigma_{name} must be positive, got {sig}")
-        d2 = ((img - mu.reshape(-1, 1, 1)) ** 2).sum(0)
-        costs.append(d2 / (2 * sig ** 2) + C * math.log(sig) + 0.5 * C * math.log(2 * math.pi))  # eq 5.6
-    return np.stack(costs)
+    classes = [(_means(mu_bg, "mu_bg", C), check_positive(sigma_bg, "sigma_bg")),   # label 0
+               (_means(mu_fg, "mu_fg", C), check_positive(sigma_fg, "sigma_fg"))]   # label 1
+    return np.stack([((img - mu) ** 2).sum(0) / (2 * sig ** 2)
+                     + C * math.log(sig) + 0.5 * C * math.log(2 * math.pi)          # eq 5.6
+                     for mu, sig in classes])
 
 
 def contrast_weights(image, lam: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Contrast-sensitive edge weights w_ij = λ·exp(−‖I_i − I_j‖²/(2σ²)) (seed 000, eq 5.11).
+    """Contrast-sensitive edge weights w_ij = λ·exp(−‖I_i − I_j‖²/(2σ²)) (Ahmad's notes, eq 5.11).
 
     ``image``: (H, W) or channels-first (C, H, W) (the squared difference sums over channels).
     Returns ``(w_right, w_down)`` of shapes (H, W−1) and (H−1, W). Raises ``ValueError`` when
     λ < 0 or σ ≤ 0 or the image has the wrong rank.
     """
     img = _image(image)
-    lam, sigma = float(lam), float(sigma)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a non-negative number, got {lam}")
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a positive number, got {sigma}")
+    lam, sigma = check_positive(lam, "lam", allow_zero=True), check_positive(sigma, "sigma")
     dr = ((img[:, :, 1:] - img[:, :, :-1]) ** 2).sum(0)
     dd = ((img[:, 1:, :] - img[:, :-1, :]) ** 2).sum(0)
     return lam * np.exp(-dr / (2 * sigma ** 2)), lam * np.exp(-dd / (2 * sigma ** 2))  # eq 5.11
@@ -194,11 +214,11 @@ def _solve_binary(cost0, cost1, right, down, symmetric: bool = True) -> np.ndarr
 
 
 def graph_cut(unary, w_right, w_down) -> np.ndarray:
-    """Exact minimiser of the binary :func:`energy` by max-flow/min-cut (seed 000, eqs 5.7, 5.10).
+    """Exact minimiser of the binary :func:`energy` by max-flow/min-cut (Ahmad's notes, eqs 5.7, 5.10).
 
     The graph: one node per pixel; t-links carry the unary costs (the link to the source carries
-    the cost of label 1, since cutting it puts the pixel on the sink = label-1 side; the seed has
-    these swapped, erratum ``erratum-seg-tlinks``); n-links carry ``w_right``/``w_down`` in both
+    the cost of label 1, since cutting it puts the pixel on the sink = label-1 side; Ahmad's notes
+    have these swapped, erratum ``erratum-seg-tlinks``); n-links carry ``w_right``/``w_down`` in both
     directions. Built with ``add_grid_tedges``/``add_grid_edges`` in three vectorised calls,
     solved with PyMaxflow's Boykov–Kolmogorov max-flow.
 
@@ -214,7 +234,7 @@ def graph_cut(unary, w_right, w_down) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- K labels
 def potts_alpha_expansion(unary, weights, max_cycles: int = 10, init=None) -> np.ndarray:
-    """Approximate minimiser of the Potts energy (seed 000, eq 5.8 with unaries) by α-expansion.
+    """Approximate minimiser of the Potts energy (Ahmad's notes, eq 5.8 with unaries) by α-expansion.
 
     Each move asks every pixel "keep your label or switch to α?": a binary problem whose pairwise
     terms E(0,0)=w[x_i≠x_j], E(0,1)=w[x_i≠α], E(1,0)=w[α≠x_j], E(1,1)=0 are submodular because
@@ -229,14 +249,8 @@ def potts_alpha_expansion(unary, weights, max_cycles: int = 10, init=None) -> np
     """
     u = _unary(unary)
     K, H, W = u.shape
-    if isinstance(weights, (int, float, np.integer, np.floating)) and not isinstance(weights, bool):
-        weights = (np.full((H, W - 1), float(weights)), np.full((H - 1, W), float(weights)))
-    if not isinstance(weights, (tuple, list)) or len(weights) != 2:
-        raise ValueError(f"weights must be a pair (w_right, w_down), got {type(weights).__name__}"
-                         + (f" of length {len(weights)}" if hasattr(weights, "__len__") else ""))
-    wr, wd = _weights(weights[0], weights[1], H, W)
-    if isinstance(max_cycles, bool) or not isinstance(max_cycles, (int, np.integer)) or max_cycles < 1:
-        raise ValueError(f"max_cycles must be a positive int, got {max_cycles!r}")
+    wr, wd = _edge_weights(weights, H, W)
+    max_cycles = check_int(max_cycles, "max_cycles", min=1)
     x = np.zeros((H, W), np.int64) if init is None else _labels(init, K, (H, W)).copy()
     best = energy(x, u, wr, wd)
     for _ in range(max_cycles):
@@ -313,7 +327,7 @@ def _spins(spins, name="spins") -> np.ndarray:
 
 
 def ising_hamiltonian(spins, J: float = 1.0, field=0.0, periodic: bool = False):
-    """H(s) = −J Σ_<ij> s_i s_j − Σ_i h_i s_i (seed 000, eq 5.5), each pair counted once.
+    """H(s) = −J Σ_<ij> s_i s_j − Σ_i h_i s_i (Ahmad's notes, eq 5.5), each pair counted once.
 
     ``spins``: ±1 array (..., H, W); ``field``: scalar or broadcastable to (..., H, W). Returns a
     float, or an array of shape (...) for a batch.
@@ -349,16 +363,9 @@ def ising_gibbs(spins, temperature, J: float = 1.0, field=0.0, n_sweeps: int = 1
     H, W = s.shape[-2:]
     if periodic and (H % 2 or W % 2):
         raise ValueError(f"spins must have even H and W for periodic checkerboard updates, got {(H, W)}")
-    T = _array(temperature, "temperature")
-    if np.any(T <= 0):
-        raise ValueError(f"temperature must be positive, got a minimum of {T.min()}")
-    if T.ndim and T.shape != s.shape[:-2]:
-        raise ValueError(f"temperature must be a scalar or have the batch shape {s.shape[:-2]}, "
-                         f"got {T.shape}")
-    T = T.reshape(T.shape + (1, 1))
+    T = _temperature(temperature, s.shape[:-2])
     h = np.broadcast_to(_array(field, "field"), s.shape)
-    if isinstance(n_sweeps, bool) or not isinstance(n_sweeps, (int, np.integer)) or n_sweeps < 0:
-        raise ValueError(f"n_sweeps must be a non-negative int, got {n_sweeps!r}")
+    n_sweeps = check_int(n_sweeps, "n_sweeps", min=0)
     ii, jj = np.indices((H, W))
     colours = [(ii + jj) % 2 == 0, (ii + jj) % 2 == 1]
     mags = []
@@ -380,7 +387,7 @@ def ising_to_graph(field, J: float):
 
     With s = 2x − 1: −h_i s_i gives unary[1] = −h_i, unary[0] = +h_i, and −J s_i s_j =
     2J·[x_i ≠ x_j] − J, so w = 2J on every edge (the constant −J per edge is dropped). Needs
-    J ≥ 0 (ferromagnetic); the seed's sign (eq 5.7) would need J < 0, which no cut can represent.
+    J ≥ 0 (ferromagnetic); the sign printed in Ahmad's notes (eq 5.7) would need J < 0, which no cut can represent.
     ``field``: (H, W). Returns arrays of shapes (2, H, W), (H, W−1), (H−1, W).
     """
     h = _array(field, "field")

@@ -1,4 +1,4 @@
-"""Segmentation metrics and losses (seed 000, §5.2, eqs 5.2–5.4).
+"""Segmentation metrics and losses (Ahmad's notes, §5.2, eqs 5.2–5.4).
 
 Label maps are integer arrays of shape (H, W) or (B, H, W) (numpy or torch; torch tensors are
 moved to numpy for the metrics). Class ``c`` is the integer ``c`` in ``0 .. num_classes-1``;
@@ -98,7 +98,7 @@ def mean_iou(pred, target, num_classes: int, ignore_index: int | None = None) ->
 
 
 def dice(a, b) -> float:
-    """Dice coefficient 2|A ∩ B| / (|A| + |B|) of two binary masks (seed 000, eq 5.4).
+    """Dice coefficient 2|A ∩ B| / (|A| + |B|) of two binary masks (Ahmad's notes, eq 5.4).
 
     ``a`` and ``b``: boolean (or 0/1) arrays of the same shape. Two empty masks agree perfectly:
     the result is then 1. Raises ``ValueError`` on a shape mismatch or non-binary values.
@@ -137,7 +137,7 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1e-6)
 
 
 def pixel_cross_entropy(logits, target, reduction: str = "sum", ignore_index: int | None = None):
-    """Pixel cross-entropy on logits (seed 000, eqs 5.2–5.3).
+    """Pixel cross-entropy on logits (Ahmad's notes, eqs 5.2–5.3).
 
     Per pixel, L = −log softmax(z)[c*] (eq 5.2, with the softmax applied to unnormalised scores z,
     see erratum ``erratum-seg-ce-logits``); the image loss sums over pixels (eq 5.3,

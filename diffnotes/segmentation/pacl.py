@@ -1,4 +1,4 @@
-"""Patch Aligned Contrastive Learning (PACL; Mukhoti et al., CVPR 2023), seed 000 §5.4.
+"""Patch Aligned Contrastive Learning (PACL; Mukhoti et al., CVPR 2023), Ahmad's notes, §5.4.
 
 CLIP aligns one image vector with one text vector. PACL keeps the vision encoder's patch
 embeddings and lets each text choose which patches speak for the image: a softmax over the
@@ -47,7 +47,7 @@ def _check_temperature(temperature):
 
 
 def patch_text_similarity(patch_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine between every patch and every text, seed 000 eq 5.14.
+    """Cosine between every patch and every text, Ahmad's notes, eq 5.14.
 
     ``s[b, k, t] = <e_v(f_v(x_b))_t, e_t(f_t(y_k))> / (|.| |.|)``.
 
@@ -70,10 +70,10 @@ def _similarity(patch_emb, text_emb, text_name):
 
 
 def patch_weights(patch_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Softmax over the patches of the patch-text cosines, seed 000 eq 5.15.
+    """Softmax over the patches of the patch-text cosines, Ahmad's notes, eq 5.15.
 
-    ``a[b, k, t] = exp(s[b, k, t]) / sum_t' exp(s[b, k, t'])`` (no temperature, as in the seed and
-    the paper). Returns (B, K, T); each (b, k) row sums to 1. Raises like
+    ``a[b, k, t] = exp(s[b, k, t]) / sum_t' exp(s[b, k, t'])`` (no temperature, as in Ahmad's
+    notes and the paper). Returns (B, K, T); each (b, k) row sums to 1. Raises like
     :func:`patch_text_similarity`.
     """
     s = patch_text_similarity(patch_emb, text_emb)
@@ -82,7 +82,7 @@ def patch_weights(patch_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tens
 
 def pacl_logits(patch_emb: torch.Tensor, text_emb: torch.Tensor,
                 temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Image-text compatibilities of PACL, seed 000 eqs 5.14-5.17, divided by a temperature.
+    """Image-text compatibilities of PACL, Ahmad's notes, eqs 5.14-5.17, divided by a temperature.
 
     For image i and text j: the weights ``a_ij = softmax_t(cos(p_it, q_j))`` (eq 5.15) pool
     image i's patch embeddings into ``v_ij = sum_t a_ijt p_it`` (eq 5.16, the embeddings
@@ -110,7 +110,7 @@ def pacl_logits(patch_emb: torch.Tensor, text_emb: torch.Tensor,
 
 def pacl_loss(patch_emb: torch.Tensor, text_emb: torch.Tensor,
               temperature: float | torch.Tensor = 1.0, symmetric: bool = False) -> torch.Tensor:
-    """InfoNCE over the texts of a batch, seed 000 eq 5.18 (image i's caption is text i).
+    """InfoNCE over the texts of a batch, Ahmad's notes, eq 5.18 (image i's caption is text i).
 
     ``L = mean_i -log( exp(phi_ii / tau) / sum_j exp(phi_ij / tau) )`` with ``phi`` from
     :func:`pacl_logits`. ``symmetric=True`` adds the text-to-image direction (softmax over the
@@ -141,7 +141,7 @@ def pacl_segment(patch_emb: torch.Tensor, class_emb: torch.Tensor,
                  return_scores: bool = False):
     """Zero-shot patch labels: each patch takes the class text it is most similar to (§5.4).
 
-    The seed's inference step takes a softmax over the classes of the cosines of eq 5.14 and the
+    The inference step of Ahmad's notes takes a softmax over the classes of the cosines of eq 5.14 and the
     argmax; the softmax is monotone, so the label is the argmax of the cosine.
 
     Args:

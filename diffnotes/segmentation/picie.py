@@ -1,5 +1,5 @@
 """PiCIE: clustering with photometric invariance and geometric equivariance (Cho et al., CVPR
-2021), seed 000 §5.5.
+2021), Ahmad's notes, §5.5.
 
 Each round: run k-means on the pixel features of two photometrically different views of the
 same images (giving labels and centroids ``(y1, mu1)`` and ``(y2, mu2)``), then train the network
@@ -53,10 +53,10 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "cosine") -> 
 
 def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, n_iter: int = 30,
            metric: str = "cosine"):
-    """Lloyd's k-means with k-means++ seeding (seed 000 §5.5, the clustering step of PiCIE).
+    """Lloyd's k-means with k-means++ seeding (Ahmad's notes, §5.5, the clustering step of PiCIE).
 
     Minimises ``sum_n d(x_n, mu_{y_n})``; ``metric="euclidean"`` uses squared distances (the
-    seed's objective), ``"cosine"`` the cosine distance with unit-norm centroids (spherical
+    objective in Ahmad's notes), ``"cosine"`` the cosine distance with unit-norm centroids (spherical
     k-means, PiCIE's default ``metric_train='cosine'``). An empty cluster is re-seeded with the
     point farthest from its centroid.
 
@@ -140,7 +140,7 @@ def cluster_logits(z: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 def cluster_loss(z: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """PiCIE's non-parametric cluster loss, seed 000 eq 5.21, averaged over pixels.
+    """PiCIE's non-parametric cluster loss, Ahmad's notes, eq 5.21, averaged over pixels.
 
     ``L(z_p, y_p, mu) = -log( exp(-d(z_p, mu_{y_p})) / sum_l exp(-d(z_p, mu_l)) )`` with d the
     cosine distance. ``weight`` (K,) optionally rescales classes (PiCIE's balanced loss uses
@@ -158,10 +158,10 @@ def cluster_loss(z: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
 
 
 def within_view_loss(z1, z2, y1, y2, mu1, mu2, weights=(None, None)) -> torch.Tensor:
-    """Within-view loss (paper eq 4; seed 000 eq 5.23 corrected): each view is classified by its
+    """Within-view loss (PiCIE eq 4; Ahmad's notes, eq 5.23, corrected): each view is classified by its
     own clustering, ``L(z1, y1, mu1) + L(z2, y2, mu2)`` (each a pixel mean).
 
-    The seed prints the second term as ``L(z2, y1, mu1)``, which is a cross-view term; see the
+    Ahmad's notes print the second term as ``L(z2, y1, mu1)``, which is a cross-view term; see the
     errata.
     """
     _check_feats_labels(z1, y1, mu1, "z1", "y1", "mu1")
@@ -170,7 +170,7 @@ def within_view_loss(z1, z2, y1, y2, mu1, mu2, weights=(None, None)) -> torch.Te
 
 
 def cross_view_loss(z1, z2, y1, y2, mu1, mu2, weights=(None, None)) -> torch.Tensor:
-    """Cross-view loss, seed 000 eq 5.24: each view is classified by the *other* view's
+    """Cross-view loss, Ahmad's notes, eq 5.24: each view is classified by the *other* view's
     clustering, ``L(z1, y2, mu2) + L(z2, y1, mu1)`` (each a pixel mean). ``weights`` are the
     class weights of clusterings 1 and 2."""
     _check_feats_labels(z1, y2, mu2, "z1", "y2", "mu2")
@@ -179,14 +179,14 @@ def cross_view_loss(z1, z2, y1, y2, mu1, mu2, weights=(None, None)) -> torch.Ten
 
 
 def picie_loss(z1, z2, y1, y2, mu1, mu2, weights=(None, None)) -> torch.Tensor:
-    """``L_within + L_cross`` (seed 000 §5.5). z1 = f(G(P1(x))), z2 = G(f(P2(x))) (eq 5.25); y1,
+    """``L_within + L_cross`` (Ahmad's notes, §5.5). z1 = f(G(P1(x))), z2 = G(f(P2(x))) (eq 5.25); y1,
     y2 are k-means labels of the two views mapped by the same G."""
     return (within_view_loss(z1, z2, y1, y2, mu1, mu2, weights)
             + cross_view_loss(z1, z2, y1, y2, mu1, mu2, weights))
 
 
 def overclustering_loss(z1, z2, clusterings, lambdas) -> torch.Tensor:
-    """Seed 000 eq 5.26: ``sum_k lambda_k L_k`` over several clusterings of the same features,
+    """Ahmad's notes, eq 5.26: ``sum_k lambda_k L_k`` over several clusterings of the same features,
     e.g. K = number of classes and an over-clustering K' > K.
 
     Args:

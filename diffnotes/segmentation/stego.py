@@ -1,5 +1,5 @@
 """STEGO: distilling feature correspondences into a segmentation head (Hamilton et al., ICLR
-2022), seed 000 §5.6.
+2022), Ahmad's notes, §5.6.
 
 A frozen backbone gives dense features ``f``; a small head maps them to low-dimensional codes
 ``s``. The loss asks the codes' correspondence tensor ``S`` (cosines between every pair of
@@ -32,7 +32,7 @@ _EPS = 1e-10
 
 
 def correspondence(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Cosine correspondence tensor of two feature maps, seed 000 §5.6 (F) and eq 5.27 (S).
+    """Cosine correspondence tensor of two feature maps, Ahmad's notes, §5.6 (F) and eq 5.27 (S).
 
     ``out[b, h, w, i, j] = sum_c f[b,c,h,w] g[b,c,i,j] / (|f[b,:,h,w]| |g[b,:,i,j]|)``.
 
@@ -77,13 +77,13 @@ def _check_maps(feats_a, feats_b, codes_a, codes_b):
 def stego_loss(feats_a: torch.Tensor, feats_b: torch.Tensor, codes_a: torch.Tensor,
                codes_b: torch.Tensor, shift: float, spatial_centering: bool = True,
                zero_clamp: bool = True) -> torch.Tensor:
-    """STEGO's correlation loss, seed 000 eq 5.28 with spatial centring and zero clamping.
+    """STEGO's correlation loss, Ahmad's notes, eq 5.28 with spatial centring and zero clamping.
 
     ``L = - mean_{b,h,w,i,j} (F~[b,h,w,i,j] - shift) * max(S[b,h,w,i,j], 0)`` where
     ``F = correspondence(feats_a, feats_b)``, ``S = correspondence(codes_a, codes_b)``,
     ``F~ = F - mean_{i,j} F`` when ``spatial_centering`` (else F), and ``max(S, 0)`` becomes S
     when ``zero_clamp`` is off. F is computed without gradient (a frozen target); gradients flow
-    into the codes only. The seed prints eq 5.28 without the leading minus sign and the centring
+    into the codes only. Ahmad's notes print eq 5.28 without the leading minus sign and the centring
     with '=' for '-': see the errata.
 
     Args:
@@ -101,7 +101,7 @@ def stego_loss(feats_a: torch.Tensor, feats_b: torch.Tensor, codes_a: torch.Tens
     with torch.no_grad():
         Fc = correspondence(feats_a, feats_b)
         if spatial_centering:
-            Fc = Fc - Fc.mean(dim=(3, 4), keepdim=True)  # F^SC (paper eq 4; seed's '=' is '-')
+            Fc = Fc - Fc.mean(dim=(3, 4), keepdim=True)  # F^SC (STEGO eq 4; the notes' '=' is '-')
     Sc = correspondence(codes_a, codes_b)  # eq 5.27
     if zero_clamp:
         Sc = Sc.clamp(min=0)

@@ -135,7 +135,7 @@ def explorer(render: Callable, params: Mapping[str, Sequence], title: str = "",
     if live is None:
         live = not is_static()
     if not live:
-        return static_explorer(render, params, title, dpi=dpi)
+        return static_explorer(render, params, title, dpi=dpi, progress=False)  # no bar on pages
     import ipywidgets as W
     from IPython.display import Image, display
 

@@ -51,7 +51,7 @@ def attention_explorer(pipe=None, prompt: str | None = None, *, store: Attention
                        title: str = "Cross-attention: word, steps, resolution",
                        live: bool | None = None):
     """Sliders over a prompt word, a step range and a resolution; each frame shows the image
-    and the word's cross-attention map (seed 000 eqs 1.47 and 3.1) over it.
+    and the word's cross-attention map (Ahmad's notes, eqs 1.47 and 3.1) over it.
 
     Either give ``pipe`` and ``prompt`` (the explorer generates the image once with seed
     ``seed`` and records every step's cross-attention at resolutions up to ``step_max_res``),

@@ -58,7 +58,7 @@ def ddim_explorer(eps_model: Callable, x_T: torch.Tensor, alphas_cumprod: torch.
                   live: bool | None = None):
     """Sliders over η and the number of DDIM steps, sampling from the same ``x_T`` each time.
 
-    Each frame is :func:`diffnotes.ddim.ddim_sample` (seed 000, eq 1.21) from ``x_T`` along
+    Each frame is :func:`diffnotes.ddim.ddim_sample` (Ahmad's notes, eq 1.21) from ``x_T`` along
     ``make_timesteps(steps, T, spacing)``; for η > 0 the noise comes from a generator seeded with
     ``seed``, so frames are reproducible. ``render(x0, eta, steps)`` turns the samples into a
     PIL image / matplotlib figure / HWC array; by default a scatter plot for (N, 2) samples and

@@ -5,7 +5,7 @@
 - a :class:`ClassConditional` setup — a conditional ``model(x, t, cond)`` whose batch may mix
   conditions, its null condition, a sample shape and a schedule (``ClassConditional.digits()``
   builds it for the shipped digits UNet); samples come from DDIM (η = 0) with classifier-free
-  guidance, ε_u + s (ε_c − ε_u) (seed 000 eq 1.44), every scale of one (seed, class) computed
+  guidance, ε_u + s (ε_c − ε_u) (Ahmad's notes, eq 1.44), every scale of one (seed, class) computed
   in one batched run, so moving the scale slider costs nothing once a frame is drawn; or
 - a diffusers text-to-image pipeline (anything called as ``pipe(prompt, guidance_scale=s,
   generator=g, num_inference_steps=n, num_images_per_prompt=k)`` returning ``.images``), with
