@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The GPU simulation switch belongs to the notebooks test_gpu_cells.py starts, not to this process
+# (tests here check that Stable Diffusion without weights fails with one clear error).
+os.environ.pop("DIFFNOTES_SIMULATE_GPU", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -35,7 +35,7 @@ def forward_chain_moments(x0: float):
 
 
 # ---------------------------------------------------------------- Ahmad's notes, Algorithm 1 and §1.2
-def test_000_alg1_marginal_needs_alpha_bar():
+def test_ahmad_alg1_marginal_needs_alpha_bar():
     m, v = forward_chain_moments(1.0)
     torch.testing.assert_close(m, AC.sqrt(), rtol=1e-12, atol=0)            # corrected
     torch.testing.assert_close(v, 1 - AC, rtol=1e-10, atol=1e-15)
@@ -70,7 +70,7 @@ def _sample_gaussian(step_coef, n=4000, seed=0):
     return x
 
 
-def test_000_alg2_sampling_needs_alpha_bar():
+def test_ahmad_alg2_sampling_needs_alpha_bar():
     good = _sample_gaussian(lambda a, ab: (1 - a) / (1 - ab) ** 0.5)       # corrected
     bad = _sample_gaussian(lambda a, ab: (1 - a) / (1 - a) ** 0.5)          # as printed
     assert good.mean().item() == pytest.approx(0.5, abs=0.02)
@@ -87,7 +87,7 @@ def test_000_alg2_sampling_needs_alpha_bar():
 
 
 # ---------------------------------------------------------------- Ahmad's notes, eq 1.7
-def test_000_eq_1_7_prefactor():
+def test_ahmad_eq_1_7_prefactor():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
                                                                          dtype=torch.float64)
@@ -113,7 +113,7 @@ def _propagate(ab, ts, x0=1.0):
     return out
 
 
-def test_000_family_must_match_every_marginal():
+def test_ahmad_family_must_match_every_marginal():
     ac = AC.tolist()
     ts = list(range(999, -1, -50))
     good = _propagate(ac, ts)
@@ -129,7 +129,7 @@ def test_000_family_must_match_every_marginal():
 
 # ---------------------------------------------------------------- Ahmad's notes, eqs 1.11 and 1.13
 @pytest.mark.parametrize("t,tp", [(500, 400), (900, 700)])
-def test_000_eq_1_11_and_1_13_noise(t, tp):
+def test_ahmad_eq_1_11_and_1_13_noise(t, tp):
     a, ap = float(AC[t]), float(AC[tp])
     sig = ddim_sigma(a, ap, 1.0)
     k = math.sqrt((1 - ap - sig ** 2) / (1 - a))
@@ -178,7 +178,7 @@ def _marginal_residual(k, lam, var, t, tp, x0, form):
     return max(out)
 
 
-def test_000_marginal_integral():
+def test_ahmad_marginal_integral():
     t, tp, x0 = 600, 450, 0.7
     a, ap = float(AC[t]), float(AC[tp])
     sig = ddim_sigma(a, ap, 0.5)
@@ -198,7 +198,7 @@ def test_000_marginal_integral():
 
 
 # ---------------------------------------------------------------- Ahmad's notes, eq 1.24
-def test_000_eq_1_24_numbers():
+def test_ahmad_eq_1_24_numbers():
     t = 500
     a, ap, b = float(AC[t]), float(AC[t - 1]), float(BETAS[t])
     beta_tilde = (1 - ap) / (1 - a) * b
@@ -214,7 +214,7 @@ def test_000_eq_1_24_numbers():
 
 
 # ---------------------------------------------------------------- Ahmad's notes, "DDIM as a Neural ODE": the quotient
-def test_000_difference_quotient_sign():
+def test_ahmad_difference_quotient_sign():
     tau = ((1 - AC) / AC).sqrt()
     # τ increases with t, so the backward quotient (τ(t−Δt) − τ(t))/Δt is negative: −dτ/dt
     assert bool((tau[:-1] - tau[1:] < 0).all())
@@ -225,7 +225,7 @@ def test_000_difference_quotient_sign():
 
 
 # ---------------------------------------------------------------- Ahmad's notes, after eq 1.25 and §1.3: u(T)
-def test_000_initial_condition_of_u():
+def test_ahmad_initial_condition_of_u():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(200_000, 1, generator=g, dtype=torch.float64) * 0.5
     xT = q_sample(x0, 999, AC, torch.randn(x0.shape, generator=g, dtype=torch.float64))
@@ -236,7 +236,7 @@ def test_000_initial_condition_of_u():
 
 
 # ---------------------------------------------------------------- Ahmad's notes, eq 1.26
-def test_000_eq_1_26_sign():
+def test_ahmad_eq_1_26_sign():
     gm = GaussianMixture([[-1.0, 0.0], [1.0, 0.5]], stds=0.3, alphas_cumprod=AC)
     x0 = gm.sample(256, torch.Generator().manual_seed(0))
     ts = make_timesteps(100)
@@ -261,7 +261,7 @@ def test_000_eq_1_26_sign():
 
 
 # ---------------------------------------------------------------- Zhu's slides, "DDPM: Forward Diffusion Process"
-def test_003_l53_product_limit():
+def test_zhu_forward_product_limit():
     _, v = forward_chain_moments(1.0)
     ab_printed = torch.full_like(AC, float(torch.prod(ALPHAS)))          # ∏_{i=1}^T, any t
     torch.testing.assert_close(1 - AC, v, rtol=1e-10, atol=1e-15)         # ∏_{i=1}^t
@@ -270,7 +270,7 @@ def test_003_l53_product_limit():
 
 
 # ---------------------------------------------------------------- Zhu's slides, "DDIM: Accelerated Generation Processes"
-def test_003_l209_subsequence_indices():
+def test_zhu_ddim_subsequence_indices():
     gm = GaussianMixture([[0.5]], stds=0.3, alphas_cumprod=AC)
     ts = make_timesteps(50)
     x = torch.randn(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -285,7 +285,7 @@ def test_003_l209_subsequence_indices():
 
 
 # ---------------------------------------------------------------- Zhu's slides, "SDE-based Generative Models: Discretizations"
-def test_003_l242_vp_sde_sign():
+def test_zhu_vp_sde_sign():
     """Variance ODE of dx = ∓½β x dt + √β dw from x(0) = 0: dv/dt = ∓β v + β."""
     n = 20_000
     dt = 1.0 / n
@@ -302,7 +302,7 @@ def test_003_l242_vp_sde_sign():
 
 
 # ---------------------------------------------------------------- Gormley & Chai's lecture, Properties #1-#3, Option C
-def test_004_properties():
+def test_gormley_chai_properties():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g,
                                                                          dtype=torch.float64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffnotes.models.sd_shapes import (SEED_TABLE_1, compare_with_seed,  # noqa: E402
+from diffnotes.models.sd_shapes import (NOTES_TABLE_1, compare_with_notes,  # noqa: E402
                                         load_unet_config, markdown_table, meta_unet,
                                         shape_tables, summarize)
 
@@ -82,11 +82,11 @@ def test_feature_table_matches_the_seed_text(tables):
 
 def test_seed_table_1_disagreements_are_the_channel_column(tables):
     for name in ("sd-1.5", "sd-2.1-base"):
-        cmp = compare_with_seed(summarize(tables[name][2]))
-        assert [r["label"] for r in cmp] == [r[0] for r in SEED_TABLE_1]
+        cmp = compare_with_notes(summarize(tables[name][2]))
+        assert [r["label"] for r in cmp] == [r[0] for r in NOTES_TABLE_1]
         # per-head matrix shapes agree with the notes' table on every row
-        assert all(r["self"] == r["seed_self"] and r["cross"] == r["seed_cross"] for r in cmp)
-        wrong = {r["label"]: (r["seed_channels"], r["channels"]) for r in cmp if not r["agrees"]}
+        assert all(r["self"] == r["notes_self"] and r["cross"] == r["notes_cross"] for r in cmp)
+        wrong = {r["label"]: (r["notes_channels"], r["channels"]) for r in cmp if not r["agrees"]}
         assert wrong == {"After Down Layer 1": (320, 640), "Down Layer 2": (640, 1280),
                          "Up Layer 1": (640, 1280), "Up Layer 2": (320, 640)}
 

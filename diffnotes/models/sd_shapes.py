@@ -21,7 +21,7 @@ from collections import OrderedDict
 import torch
 
 __all__ = ["UNET_CONFIGS", "load_unet_config", "meta_unet", "shape_tables", "summarize",
-           "SEED_TABLE_1", "compare_with_seed", "markdown_table"]
+           "NOTES_TABLE_1", "compare_with_notes", "markdown_table"]
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: model name -> shipped UNet config file (under ``diffnotes/configs``).
@@ -146,7 +146,7 @@ def summarize(attention: list[dict]) -> list[dict]:
 
 #: Table 1 of Ahmad's notes (§1.5.1), transcribed: (row label, place, resolution side, channels,
 #: self-attention matrix, cross-attention matrix); matrices as printed, "B ×" dropped.
-SEED_TABLE_1 = [
+NOTES_TABLE_1 = [
     ("Before Down Layer 1", "down", 64, 320, (4096, 4096), (4096, 77)),
     ("After Down Layer 1", "down", 32, 320, (1024, 1024), (1024, 77)),
     ("Down Layer 2", "down", 16, 640, (256, 256), (256, 77)),
@@ -158,17 +158,17 @@ SEED_TABLE_1 = [
 ]
 
 
-def compare_with_seed(summary: list[dict]) -> list[dict]:
+def compare_with_notes(summary: list[dict]) -> list[dict]:
     """Row-by-row comparison of a :func:`summarize` table (SD at 512×512, batch 1) with
-    :data:`SEED_TABLE_1`. Returns one dict per seed row: ``label, seed_channels, channels,
-    seed_self, self, seed_cross, cross, heads, agrees`` where matrices are compared per head
+    :data:`NOTES_TABLE_1`. Returns one dict per row of that table: ``label, notes_channels, channels,
+    notes_self, self, notes_cross, cross, heads, agrees`` where matrices are compared per head
     (the notes omit the head dimension: the real matrix is ``(B·heads) × N × M``)."""
     by_key = {(g["place"], g["res"][0]): g for g in summary}
     out = []
-    for label, place, res, ch, s_self, s_cross in SEED_TABLE_1:
+    for label, place, res, ch, s_self, s_cross in NOTES_TABLE_1:
         g = by_key.get((place, res))
-        row = dict(label=label, place=place, res=f"{res}×{res}", seed_channels=ch,
-                   seed_self=s_self, seed_cross=s_cross)
+        row = dict(label=label, place=place, res=f"{res}×{res}", notes_channels=ch,
+                   notes_self=s_self, notes_cross=s_cross)
         if g is None:
             row.update(channels=None, heads=None, self=None, cross=None)
         else:
