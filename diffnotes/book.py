@@ -196,7 +196,8 @@ def _source_link(dotted: str, url: str, branch: str) -> str:
     obj = inspect.unwrap(resolve_code(dotted))
     file = Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT)
     line = inspect.getsourcelines(obj)[1]
-    return f"[`{dotted}`]({url}/blob/{branch}/{file.as_posix()}#L{line})"
+    short = dotted.removeprefix("diffnotes.")
+    return f"[`{short}`]({url}/blob/{branch}/{file.as_posix()}#L{line})"
 
 
 def render_equation_index(entries: list[Equation], url: str, branch: str) -> str:
@@ -204,7 +205,8 @@ def render_equation_index(entries: list[Equation], url: str, branch: str) -> str
     lines = ["# Equations and code", "",
              "Every labelled equation of the book: the chapter that derives it, its number in the",
              "original paper and in the source documents, and the library function that computes",
-             "it (linked to its source). Generated from the chapters by every build of the book",
+             "it (linked to its source; names are relative to the `diffnotes` package). Generated",
+             "from the chapters by every build of the book",
              f"(`diffnotes.book.write_equation_index`); do not edit by hand.", ""]
     chapter = None
     for e in entries:
