@@ -1,0 +1,72 @@
+"""What every editing method needs from a pipeline: prompt embeddings, the guided ε-model, the
+time steps and ᾱ of its scheduler, and the latent ↔ image maps of its autoencoder.
+
+A pipeline's UNet becomes the library's ``eps_model(x, t)`` through
+:func:`diffnotes.guidance.guided_eps_model` (one batched pass for the unconditional and the
+conditional rows, combined by :func:`diffnotes.guidance.cfg`, Ahmad's notes eq 1.44), so the
+samplers of :mod:`diffnotes.ddim` drive Stable Diffusion exactly as they drive the toy models.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..guidance import guided_eps_model
+from ..utils import check_int, check_tensor
+
+__all__ = ["encode_prompts", "unet_model", "pipe_eps_model", "pipe_timesteps",
+           "pipe_alphas_cumprod"]
+
+
+def encode_prompts(pipe, prompts: str | Sequence[str]) -> torch.Tensor:
+    """Text-encoder embeddings ``(B, L, D)`` of ``prompts`` (``""`` is the null text), padded to
+    the tokenizer's ``model_max_length`` as the pipeline pads them, on the UNet's device/dtype."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    device = pipe.text_encoder.device
+    with torch.no_grad():
+        emb = pipe.text_encoder(tok.input_ids.to(device))[0]
+    return emb.to(pipe.unet.device, pipe.unet.dtype)
+
+
+def unet_model(pipe):
+    """``model(x, t, c) -> ε``: the pipeline's UNet with text embeddings ``c`` (B, L, D)."""
+    unet = pipe.unet
+
+    def model(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=c).sample
+    return model
+
+
+def pipe_eps_model(pipe, cond: torch.Tensor, null: torch.Tensor | None = None,
+                   guidance_scale: float = 1.0):
+    """The guided ``eps_model(x, t)`` of a pipeline: ε_u + s (ε_c − ε_u) with ``cond`` and
+    ``null`` embeddings (batch 1 or B each). With ``guidance_scale == 1`` and no ``null`` it is
+    the conditional model alone (one UNet pass per step)."""
+    check_tensor(cond, "cond", ndim=3)
+    model = unet_model(pipe)
+    if null is None and guidance_scale == 1.0:
+        def eps_model(x, t):
+            c = cond.expand(x.shape[0], -1, -1) if cond.shape[0] == 1 else cond
+            return model(x, t, c)
+        return eps_model
+    if null is None:
+        null = encode_prompts(pipe, "")
+    return guided_eps_model(model, cond, null, guidance_scale)
+
+
+def pipe_timesteps(pipe, num_inference_steps: int) -> list[int]:
+    """The pipeline scheduler's time steps for ``num_inference_steps`` steps, high to low (the
+    ones ``pipe(...)`` would use), as a list of ints for :mod:`diffnotes.ddim`."""
+    check_int(num_inference_steps, "num_inference_steps", min=1)
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    return [int(t) for t in pipe.scheduler.timesteps]
+
+
+def pipe_alphas_cumprod(pipe, dtype=torch.float64) -> torch.Tensor:
+    """ᾱ_t of the pipeline's training schedule (index t = 0 … T−1), float64 by default."""
+    return pipe.scheduler.alphas_cumprod.to(dtype)
