@@ -41,6 +41,7 @@ from .utils import check_choice, check_int, check_range
 
 __all__ = [
     "RecordingAttnProcessor", "AttentionStore", "AttentionCollector", "LayerInfo",
+    "AttentionController", "AttnCall", "BatchLayout",
     "tokenize_prompt", "prompt_words", "word_token_indices",
     "upsample", "normalize_map", "overlay", "generate_with_attention",
 ]
@@ -71,6 +72,11 @@ class RecordingAttnProcessor:
     (Ahmad's notes, eq 1.48; c = f for self-attention, eq 1.50), A = softmax(QK^T/sqrt d) (eq 1.47,
     via ``attn.get_attention_scores``), out = W_O (A V). Only the extra line
     ``self.store._record(...)`` differs; it does not touch the output.
+
+    Attention control: if the store has a controller (:class:`AttentionController`, e.g.
+    Prompt-to-Prompt's), the probabilities pass through ``controller.edit(A, info)`` between the
+    softmax and ``A V``; the store then records the edited ``A`` (what the layer really used).
+    Without a controller nothing changes (the output is bitwise diffusers').
     """
 
     def __init__(self, store: "AttentionStore", name: str, fallback=None):
@@ -81,7 +87,7 @@ class RecordingAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         is_cross = encoder_hidden_states is not None
-        if self.fallback is not None and not self.store._wants(
+        if self.fallback is not None and not getattr(self.store, "_handles", self.store._wants)(
                 is_cross, hidden_states.shape[1] if hidden_states.ndim == 3
                 else hidden_states.shape[2] * hidden_states.shape[3]):
             # a layer the store does not record (e.g. self-attention above self_max_res): run
@@ -114,6 +120,8 @@ class RecordingAttnProcessor:
         value = attn.head_to_batch_dim(value)
 
         attention_probs = attn.get_attention_scores(query, key, attention_mask)  # eq 1.47
+        if getattr(self.store, "controller", None) is not None:            # attention control
+            attention_probs = self.store._edit(self.name, attn, attention_probs, is_cross)
         self.store._record(self.name, attn, attention_probs, is_cross)
         hidden_states = torch.bmm(attention_probs, value)                  # A V  (1.47)
         hidden_states = attn.batch_to_head_dim(hidden_states)
@@ -126,6 +134,73 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+# ---------------------------------------------------------------------------- attention control
+@dataclass(frozen=True)
+class BatchLayout:
+    """Which rows of a UNet batch hold what: ``n_prompts`` prompts, and with ``cfg`` the
+    classifier-free-guidance batch ``cat([uncond rows, cond rows])`` of
+    :func:`diffnotes.guidance.guided_eps_model` (Ahmad's notes, eq 1.44): row ``k`` is prompt
+    ``k``'s unconditional pass, row ``n_prompts + k`` its conditional pass."""
+
+    n_prompts: int
+    cfg: bool = True
+
+    @property
+    def batch(self) -> int:
+        return 2 * self.n_prompts if self.cfg else self.n_prompts
+
+    def cond_rows(self) -> slice:
+        return slice(self.n_prompts, 2 * self.n_prompts) if self.cfg else slice(0, self.n_prompts)
+
+    def uncond_rows(self) -> slice | None:
+        return slice(0, self.n_prompts) if self.cfg else None
+
+
+@dataclass
+class AttnCall:
+    """What a controller is told about one attention call: the layer's ``name``, ``kind``
+    ("cross"/"self"), ``place`` ("down"/"mid"/"up"), query grid ``height`` × ``width``,
+    ``heads``, ``keys`` (M), ``batch`` (rows B of the UNet batch), ``step`` (index of the UNet
+    call since the store was reset, one per denoising step) and ``layout`` (the store's
+    :class:`BatchLayout`, or None)."""
+
+    name: str
+    kind: str
+    place: str
+    height: int
+    width: int
+    heads: int
+    keys: int
+    batch: int
+    step: int
+    layout: "BatchLayout | None" = None
+
+    @property
+    def res(self) -> int:
+        return max(self.height, self.width)
+
+
+class AttentionController:
+    """Base class of attention controllers (Prompt-to-Prompt's edits, later attention losses).
+
+    Give one to :class:`AttentionStore` (``controller=``): every attention layer of a kind in
+    ``kinds`` for which :meth:`wants` is true then calls :meth:`edit` with the probabilities
+    ``A = softmax(QK^T/sqrt d)`` (Ahmad's notes, eq 1.47) as a ``(B, heads, h*w, M)`` tensor,
+    before they multiply the values, and uses what it returns (same shape; editing in place
+    is allowed). ``info`` is an :class:`AttnCall`. The base class changes nothing.
+    """
+
+    kinds: tuple[str, ...] = _KINDS
+
+    def wants(self, kind: str, height: int, width: int) -> bool:
+        """Whether layers of this kind and query grid go through :meth:`edit` (the others keep
+        their original processor, e.g. PyTorch's fused attention)."""
+        return kind in self.kinds
+
+    def edit(self, probs: torch.Tensor, info: AttnCall) -> torch.Tensor:
+        return probs
 
 
 # ---------------------------------------------------------------------------- the collector
@@ -203,6 +278,10 @@ class AttentionStore:
     step_max_res : see ``store_steps``.
     self_max_res : self-attention layers above this resolution are not recorded (a 64×64 layer
         of Stable Diffusion would need 4096² floats per layer).
+    controller : an :class:`AttentionController` that may edit the probabilities of every row
+        before they multiply the values (the store then records the edited maps); its layers
+        get the recording processor too, whether recorded or not.
+    layout : a :class:`BatchLayout` handed to the controller with each call.
 
     Memory: one ``(len(rows), h*w, M)`` tensor per recorded layer, whatever the number of steps
     (plus ``steps × (len(rows), h*w, M)`` for the low-resolution layers when ``store_steps``).
@@ -215,8 +294,16 @@ class AttentionStore:
     """
 
     def __init__(self, kinds: Sequence[str] = ("cross",), rows="all", store_steps: bool = False,
-                 step_max_res: int = 16, self_max_res: int = 32):
+                 step_max_res: int = 16, self_max_res: int = 32, controller=None,
+                 layout: BatchLayout | None = None):
         self.kinds, self.rows = _check_kinds(kinds), _check_rows(rows)
+        if controller is not None and not (hasattr(controller, "edit")
+                                           and hasattr(controller, "wants")):
+            raise TypeError(f"controller must be an AttentionController (with edit and wants), "
+                            f"got {type(controller).__name__}")
+        if layout is not None and not isinstance(layout, BatchLayout):
+            raise TypeError(f"layout must be a BatchLayout or None, got {type(layout).__name__}")
+        self.controller, self.layout = controller, layout
         self.store_steps = store_steps
         self.step_max_res = check_int(step_max_res, "step_max_res", min=1)
         self.self_max_res = check_int(self_max_res, "self_max_res", min=1)
@@ -244,11 +331,12 @@ class AttentionStore:
         if self._unet is not None:
             raise RuntimeError("this AttentionStore is already attached; call detach() first")
         saved = dict(unet.attn_processors)
+        ctrl_kinds = tuple(getattr(self.controller, "kinds", ())) if self.controller else ()
         new = {}
         for key, proc in saved.items():
             kind = _kind_of_name(key)
             new[key] = (RecordingAttnProcessor(self, key[: -len(".processor")], fallback=proc)
-                        if kind in self.kinds else proc)
+                        if kind in self.kinds or kind in ctrl_kinds else proc)
         unet.set_attn_processor(new)
         self._saved, self._unet = saved, unet
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -300,6 +388,40 @@ class AttentionStore:
             return True
         h, w = self._grid(n_query)
         return max(h, w) <= self.self_max_res
+
+    def _handles(self, is_cross: bool, n_query: int) -> bool:
+        """Whether the recording processor runs this call (recorded, or wanted by the
+        controller); otherwise the layer's original processor does."""
+        if self._wants(is_cross, n_query):
+            return True
+        c = self.controller
+        if c is None:
+            return False
+        kind = "cross" if is_cross else "self"
+        if kind not in getattr(c, "kinds", _KINDS):
+            return False
+        h, w = self._grid(n_query)
+        return bool(c.wants(kind, h, w))
+
+    def _edit(self, name: str, attn, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        """Hand ``probs`` (B*heads, h*w, M) to the controller as (B, heads, h*w, M)."""
+        c = self.controller
+        kind = "cross" if is_cross else "self"
+        if c is None or kind not in getattr(c, "kinds", _KINDS):
+            return probs
+        bh, n_q, n_k = probs.shape
+        h, w = self._grid(n_q)
+        if not c.wants(kind, h, w):
+            return probs
+        heads = attn.heads
+        info = AttnCall(name, kind, _place(name), h, w, heads, n_k, bh // heads,
+                        max(self.step, 0), self.layout)
+        out = c.edit(probs.view(bh // heads, heads, n_q, n_k), info)
+        if not isinstance(out, torch.Tensor) or out.shape != (bh // heads, heads, n_q, n_k):
+            raise RuntimeError(f"controller.edit must return a tensor of shape "
+                               f"{(bh // heads, heads, n_q, n_k)}, got "
+                               f"{getattr(out, 'shape', type(out).__name__)}")
+        return out.reshape(bh, n_q, n_k)
 
     def _select_rows(self, p: torch.Tensor) -> torch.Tensor:
         B = p.shape[0]
