@@ -12,11 +12,13 @@ from typing import Sequence
 
 import torch
 
+from ..ddim import ddim_step
+from ..ddpm import predict_x0
 from ..guidance import guided_eps_model
-from ..utils import check_int, check_tensor
+from ..utils import batch_timesteps, check_int, check_tensor
 
 __all__ = ["encode_prompts", "unet_model", "pipe_eps_model", "pipe_timesteps",
-           "pipe_alphas_cumprod"]
+           "pipe_alphas_cumprod", "blend_known", "masked_ddim_sample", "edit_outputs"]
 
 
 def encode_prompts(pipe, prompts: str | Sequence[str]) -> torch.Tensor:
@@ -70,3 +72,37 @@ def pipe_timesteps(pipe, num_inference_steps: int) -> list[int]:
 def pipe_alphas_cumprod(pipe, dtype=torch.float64) -> torch.Tensor:
     """ᾱ_t of the pipeline's training schedule (index t = 0 … T−1), float64 by default."""
     return pipe.scheduler.alphas_cumprod.to(dtype)
+
+
+def blend_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Ω ⊙ x + (1 − Ω) ⊙ known: keep the model's latent inside the mask, the known one outside
+    (masked SDEdit, SDEdit Algorithm 3; DiffEdit's ỹ_t = M y_t + (1 − M) x_t, Couairon et al.
+    2023, §3.2). With a binary mask the result is ``x`` or ``known`` exactly, pixel by pixel."""
+    return mask * x + (1 - mask) * known
+
+
+def masked_ddim_sample(eps_model, x: torch.Tensor, timesteps: Sequence[int],
+                       alphas_cumprod: torch.Tensor, mask: torch.Tensor, known, callback=None):
+    """DDIM (η = 0, DDIM eq 12) from ``x`` along ``timesteps`` with a known region: after step
+    i the latent outside ``mask`` (1 = generated) is replaced by ``known(i)``, the known latent
+    at the level that step reached (x ← m·x + (1 − m)·known). Masked SDEdit (known = the
+    forward-noised original) and DiffEdit (known = the DDIM-inverted latent) are this loop.
+    ``callback`` as in :func:`diffnotes.ddim.ddim_sample`. Returns ``(x_0, [x, …, x_0])``."""
+    acl, traj = alphas_cumprod.tolist(), [x]
+    for i, t in enumerate(timesteps):
+        a_prev = acl[timesteps[i + 1]] if i + 1 < len(timesteps) else 1.0
+        with torch.no_grad():
+            eps = eps_model(x, batch_timesteps(t, x))
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, acl[t]), eps=eps))
+        x = ddim_step(x, eps, acl[t], a_prev)
+        x = blend_known(x, known(i), mask)
+        traj.append(x)
+    return x, traj
+
+
+def edit_outputs(images, z, traj, return_latents: bool, return_trajectory: bool):
+    """``images``, or ``(images, z)`` / ``(images, z, traj)`` as the edit functions return."""
+    if return_trajectory:
+        return images, z, traj
+    return (images, z) if return_latents else images

@@ -30,11 +30,11 @@ from typing import Callable
 
 import torch
 
-from ..ddim import ddim_step
-from ..ddpm import predict_x0, q_sample
+from ..ddpm import q_sample
 from ..utils import batch_timesteps, check_int, check_positive, check_range
-from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
-from .sdedit import _randn, blend_known, latent_mask, strength_timestep, to_pil_list
+from .common import (edit_outputs, encode_prompts, masked_ddim_sample, pipe_alphas_cumprod,
+                     pipe_eps_model, pipe_timesteps)
+from .sdedit import _randn, latent_mask, strength_timestep, to_pil_list
 
 __all__ = ["diffedit_mask", "diffedit", "diffedit_map", "threshold_map", "minmax_mask"]
 
@@ -146,24 +146,10 @@ def diffedit(pipe, image, mask, target_prompt: str, inpaint_strength=0.8, *,
         raise RuntimeError(f"ddim_invert_image returned {len(inv)} latents, expected {n + 1}")
     m = latent_mask(pipe, mask, inv[0])
     ts = grid[n - k:]                              # the k levels from the encoded latent down
-    ac = pipe_alphas_cumprod(pipe, dtype=torch.float64).tolist()
+    ac = pipe_alphas_cumprod(pipe, dtype=torch.float64)
     eps_model = pipe_eps_model(pipe, encode_prompts(pipe, target_prompt),
                                guidance_scale=guidance_scale)
-    x = inv[k]
-    traj = [x]
-    for i, t in enumerate(ts):
-        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        with torch.no_grad():
-            eps = eps_model(x, batch_timesteps(t, x))
-        if callback is not None:
-            callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, ac[t]), eps=eps))
-        x = ddim_step(x, eps, ac[t], a_prev)
-        x = blend_known(x, inv[k - 1 - i], m)     # the encoded latent at the level reached
-        traj.append(x)
-    images = to_pil_list(decode_latents(pipe, x))
-    out = (images,)
-    if return_latents or return_trajectory:
-        out = out + (x,)
-    if return_trajectory:
-        out = out + (traj,)
-    return out if len(out) > 1 else images
+    x, traj = masked_ddim_sample(eps_model, inv[k], ts, ac, m, lambda i: inv[k - 1 - i],
+                                 callback)         # known: the encoded latent at the level reached
+    return edit_outputs(to_pil_list(decode_latents(pipe, x)), x, traj, return_latents,
+                        return_trajectory)

@@ -27,10 +27,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..ddim import ddim_sample, ddim_step
+from ..ddim import ddim_sample
 from ..ddpm import q_sample
-from ..utils import batch_timesteps, check_range, check_tensor
-from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
+from ..utils import check_range, check_tensor
+from .common import (blend_known, edit_outputs, encode_prompts, masked_ddim_sample,
+                     pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps)
 
 __all__ = ["sdedit", "strength_timestep", "sdedit_timesteps", "latent_mask", "blend_known",
            "to_pil_list"]
@@ -85,13 +86,6 @@ def latent_mask(pipe, mask, latents: torch.Tensor, name: str = "mask") -> torch.
     if m.shape[-2:] != (h, w):
         m = torch.nn.functional.max_pool2d(m, kernel_size=f)
     return m.to(device=latents.device, dtype=latents.dtype)
-
-
-def blend_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Ω ⊙ x + (1 − Ω) ⊙ known: keep the model's latent inside the mask, the known one outside
-    (masked SDEdit, SDEdit Algorithm 3; DiffEdit's ỹ_t = M y_t + (1 − M) x_t, Couairon et al.
-    2023, §3.2). With a binary mask the result is ``x`` or ``known`` exactly, pixel by pixel."""
-    return mask * x + (1 - mask) * known
 
 
 def to_pil_list(images: torch.Tensor) -> list:
@@ -152,24 +146,9 @@ def sdedit(pipe, image, prompt: str, strength, mask=None, *, num_inference_steps
                           callback=callback)
         z, traj = out if return_trajectory else (out, None)
     else:
-        acl, traj = ac.tolist(), [x]
-        for i, t in enumerate(ts):
-            a_prev = acl[ts[i + 1]] if i + 1 < len(ts) else 1.0
-            with torch.no_grad():
-                eps = eps_model(x, batch_timesteps(t, x))
-            if callback is not None:
-                from ..ddpm import predict_x0
-                callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, acl[t]), eps=eps))
-            x = ddim_step(x, eps, acl[t], a_prev)
-            known = (q_sample(z0, ts[i + 1], ac, _randn(z0.shape, generator, z0))
-                     if i + 1 < len(ts) else z0)
-            x = blend_known(x, known, m)
-            traj.append(x)
-        z = x
-    images = to_pil_list(decode_latents(pipe, z))
-    out = (images,)
-    if return_latents or return_trajectory:
-        out = out + (z,)
-    if return_trajectory:
-        out = out + (traj,)
-    return out if len(out) > 1 else images
+        def known(i):          # the original, forward-noised to the level step i reached
+            return (q_sample(z0, ts[i + 1], ac, _randn(z0.shape, generator, z0))
+                    if i + 1 < len(ts) else z0)
+        z, traj = masked_ddim_sample(eps_model, x, ts, ac, m, known, callback)
+    return edit_outputs(to_pil_list(decode_latents(pipe, z)), z, traj, return_latents,
+                        return_trajectory)
