@@ -6,14 +6,17 @@ one module each, and are importable from here (loaded on first use):
 - :func:`ddim_explorer` (``ddim.py``): η and the number of steps of DDIM sampling;
 - :func:`guidance_explorer` (``guidance.py``): the guidance scale, per class or prompt;
 - :func:`attention_explorer` (``attention.py``): cross-attention per word, step range, resolution;
-- :func:`graph_cut_explorer` (``ising.py``): λ and σ of the contrast-sensitive graph cut.
+- :func:`graph_cut_explorer` (``ising.py``): λ and σ of the contrast-sensitive graph cut;
+- :func:`sdedit_explorer` (``sdedit.py``): SDEdit's noise strength and mask on one real image;
+- :func:`p2p_explorer` (``p2p.py``): Prompt-to-Prompt's cross-replace fraction τ per kind of edit.
 """
 import importlib
 
 from ._core import StaticExplorer, explorer, is_static, static_explorer, to_png_bytes
 
 _NAMED = {"ddim_explorer": "ddim", "guidance_explorer": "guidance",
-          "attention_explorer": "attention", "graph_cut_explorer": "ising"}
+          "attention_explorer": "attention", "graph_cut_explorer": "ising",
+          "sdedit_explorer": "sdedit", "p2p_explorer": "p2p"}
 
 __all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes", *_NAMED]
 
