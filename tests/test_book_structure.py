@@ -119,3 +119,14 @@ def test_exercises_have_the_classroom_shape_and_half_have_checkers(nb):
         assert sol and sol["cell_type"] == "markdown" and text.lstrip().startswith(
             ":::{dropdown} Solution"), f"{nb.name}: exercise {m.group(1)} lacks a Solution dropdown"
         assert re.search(r"```python\n", text), f"{nb.name}: solution of {m.group(1)} has no code"
+
+
+def test_no_control_characters_in_the_prose():
+    """A TeX command written through a non-raw Python string loses its backslash to an escape
+    (\\tau becomes a tab, \\vec a vertical tab): no page or markdown cell may hold one."""
+    sources = [(p.name, "".join(c["source"])) for p in NOTEBOOKS
+               for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown"]
+    sources += [(p.name, p.read_text()) for p in sorted((ROOT / "book").glob("*.md"))]
+    bad = [(name, repr(ch)) for name, text in sources for ch in set(text)
+           if ord(ch) < 32 and ch != "\n"]
+    assert not bad, f"control characters in the prose: {bad}"
