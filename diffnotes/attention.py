@@ -159,12 +159,11 @@ class BatchLayout:
 
 
 @dataclass
-class AttnCall:
-    """What a controller is told about one attention call: the layer's ``name``, ``kind``
-    ("cross"/"self"), ``place`` ("down"/"mid"/"up"), query grid ``height`` × ``width``,
-    ``heads``, ``keys`` (M), ``batch`` (rows B of the UNet batch), ``step`` (index of the UNet
-    call since the store was reset, one per denoising step) and ``layout`` (the store's
-    :class:`BatchLayout`, or None)."""
+class LayerInfo:
+    """One recorded attention layer: ``name`` (module path, e.g.
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``), ``kind`` ("cross"/"self"),
+    ``place`` ("down"/"mid"/"up"), query grid ``height`` × ``width``, ``heads``, ``keys`` (number
+    of key tokens), ``order`` (position in the forward pass)."""
 
     name: str
     kind: str
@@ -173,13 +172,24 @@ class AttnCall:
     width: int
     heads: int
     keys: int
-    batch: int
-    step: int
-    layout: "BatchLayout | None" = None
+    order: int
 
     @property
     def res(self) -> int:
+        """The larger side of the query grid (16 for a 16×16 layer)."""
         return max(self.height, self.width)
+
+
+@dataclass
+class AttnCall(LayerInfo):
+    """What a controller is told about one attention call: the layer's :class:`LayerInfo`
+    (``order`` is −1 for a layer the store does not record), plus ``batch`` (rows B of the
+    UNet batch), ``step`` (index of the UNet call since the store was reset, one per denoising
+    step) and ``layout`` (the store's :class:`BatchLayout`, or None)."""
+
+    batch: int = 0
+    step: int = 0
+    layout: "BatchLayout | None" = None
 
 
 class AttentionController:
@@ -228,28 +238,6 @@ class AttentionCollector:
 
 
 # ---------------------------------------------------------------------------- the store
-@dataclass
-class LayerInfo:
-    """One recorded attention layer: ``name`` (module path, e.g.
-    ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``), ``kind`` ("cross"/"self"),
-    ``place`` ("down"/"mid"/"up"), query grid ``height`` × ``width``, ``heads``, ``keys`` (number
-    of key tokens), ``order`` (position in the forward pass)."""
-
-    name: str
-    kind: str
-    place: str
-    height: int
-    width: int
-    heads: int
-    keys: int
-    order: int
-
-    @property
-    def res(self) -> int:
-        """The larger side of the query grid (16 for a 16×16 layer)."""
-        return max(self.height, self.width)
-
-
 def _place(name: str) -> str:
     for p in ("down", "mid", "up"):
         if name.startswith(p):
@@ -414,7 +402,8 @@ class AttentionStore:
         if not c.wants(kind, h, w):
             return probs
         heads = attn.heads
-        info = AttnCall(name, kind, _place(name), h, w, heads, n_k, bh // heads,
+        order = self.info[name].order if name in self.info else -1
+        info = AttnCall(name, kind, _place(name), h, w, heads, n_k, order, bh // heads,
                         max(self.step, 0), self.layout)
         out = c.edit(probs.view(bh // heads, heads, n_q, n_k), info)
         if not isinstance(out, torch.Tensor) or out.shape != (bh // heads, heads, n_q, n_k):
