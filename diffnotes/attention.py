@@ -41,7 +41,7 @@ from .utils import check_choice, check_int, check_range
 
 __all__ = [
     "RecordingAttnProcessor", "AttentionStore", "AttentionCollector", "LayerInfo",
-    "AttentionController", "AttnCall", "BatchLayout",
+    "AttentionController", "AttnCall", "BatchLayout", "attention_layers",
     "tokenize_prompt", "prompt_words", "word_token_indices",
     "upsample", "normalize_map", "overlay", "generate_with_attention",
 ]
@@ -119,9 +119,20 @@ class RecordingAttnProcessor:
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
 
-        attention_probs = attn.get_attention_scores(query, key, attention_mask)  # eq 1.47
-        if getattr(self.store, "controller", None) is not None:            # attention control
-            attention_probs = self.store._edit(self.name, attn, attention_probs, is_cross)
+        call = self.store._call(self.name, attn, query.shape[1], key.shape[1], is_cross)
+        if call is None:                                                   # no control here
+            attention_probs = attn.get_attention_scores(query, key, attention_mask)  # eq 1.47
+        else:                                                              # attention control
+            c = self.store.controller
+            if _overrides(c, "edit_qkv"):
+                query, key, value = self.store._edit_qkv(c, attn, query, key, value, call)
+            if _overrides(c, "edit_scores"):
+                attention_probs = _scores_then_softmax(attn, query, key, attention_mask,
+                                                       lambda s: self.store._edit_scores(
+                                                           c, attn, s, call))
+            else:
+                attention_probs = attn.get_attention_scores(query, key, attention_mask)
+            attention_probs = self.store._edit(c, attn, attention_probs, call)
         self.store._record(self.name, attn, attention_probs, is_cross)
         hidden_states = torch.bmm(attention_probs, value)                  # A V  (1.47)
         hidden_states = attn.batch_to_head_dim(hidden_states)
@@ -134,6 +145,34 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+def _overrides(controller, method: str) -> bool:
+    """Whether ``controller`` defines its own ``method`` (the base class's hooks are identities
+    and are skipped, so a controller that only edits probabilities costs nothing more)."""
+    own = getattr(type(controller), method, None)
+    base = getattr(AttentionController, method)
+    return own is not None and own is not base
+
+
+def _scores_then_softmax(attn, query, key, attention_mask, edit):
+    """``attn.get_attention_scores`` split in two so a controller can edit the logits
+    S = QK^T/sqrt(d) (+ mask) before the softmax (Ahmad's notes, eq 1.47). The operations are
+    diffusers' own, in its order: with ``edit`` the identity the result is bitwise the same."""
+    dtype = query.dtype
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if attention_mask is None:
+        base = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype,
+                           device=query.device)
+        beta = 0
+    else:
+        base, beta = attention_mask, 1
+    scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=beta, alpha=attn.scale)
+    if attn.upcast_softmax:
+        scores = scores.float()
+    scores = edit(scores)
+    return scores.softmax(dim=-1).to(dtype)
 
 
 # ---------------------------------------------------------------------------- attention control
@@ -185,29 +224,57 @@ class AttnCall(LayerInfo):
     """What a controller is told about one attention call: the layer's :class:`LayerInfo`
     (``order`` is −1 for a layer the store does not record), plus ``batch`` (rows B of the
     UNet batch), ``step`` (index of the UNet call since the store was reset, one per denoising
-    step) and ``layout`` (the store's :class:`BatchLayout`, or None)."""
+    step), ``layout`` (the store's :class:`BatchLayout`, or None), and ``index`` / ``count``: the
+    layer's position among the UNet's ``count`` attention layers of its kind in forward order
+    (down blocks, mid block, up blocks; :func:`attention_layers`), the number that rules such as
+    "the last 60% of the decoder" are stated in."""
 
     batch: int = 0
     step: int = 0
     layout: "BatchLayout | None" = None
+    index: int = -1
+    count: int = 0
 
 
 class AttentionController:
-    """Base class of attention controllers (Prompt-to-Prompt's edits, later attention losses).
+    """Base class of every attention edit (Prompt-to-Prompt, MasaCtrl, Plug-and-Play, Dense
+    Diffusion, cross-image attention, attention losses...).
 
-    Give one to :class:`AttentionStore` (``controller=``): every attention layer of a kind in
-    ``kinds`` for which :meth:`wants` is true then calls :meth:`edit` with the probabilities
-    ``A = softmax(QK^T/sqrt d)`` (Ahmad's notes, eq 1.47) as a ``(B, heads, h*w, M)`` tensor,
-    before they multiply the values, and uses what it returns (same shape; editing in place
-    is allowed). ``info`` is an :class:`AttnCall`. The base class changes nothing.
+    Give one to :class:`AttentionStore` (``controller=``). Every attention layer of a kind in
+    ``kinds`` for which :meth:`wants` is true then runs through three hooks, in this order
+    (Ahmad's notes, eqs 1.47-1.50; all tensors are split by head, ``(B, heads, N, ·)``, rows of
+    the UNet batch first):
+
+    1. :meth:`edit_qkv` ``(q, k, v, info) -> (q, k, v)``: the projected queries ``(B, heads,
+       N_q, d)``, keys and values ``(B, heads, N_k, d)`` before anything is computed from them
+       (MasaCtrl and cross-image attention read keys and values of another row; Plug-and-Play
+       injects queries and keys). ``k`` and ``v`` may come back with another ``N_k``
+       (concatenated keys), equal for both.
+    2. :meth:`edit_scores` ``(s, info) -> s``: the logits ``S = QK^T/sqrt(d)`` ``(B, heads, N_q,
+       N_k)`` before the softmax (Dense Diffusion's modulation, masked attention).
+    3. :meth:`edit` ``(A, info) -> A``: the probabilities ``A = softmax(S)``, before they
+       multiply the values (Prompt-to-Prompt's edits).
+
+    ``info`` is an :class:`AttnCall` (layer name, kind, place, query grid, heads, the layer's
+    ``index`` among the UNet's layers of its kind in forward order and their ``count``, the
+    batch, the step, the store's :class:`BatchLayout`). A hook that a subclass does not define
+    is not called (``edit_scores`` then costs nothing: diffusers' fused score computation runs).
+    Each hook must return tensors of the shapes it was given (``edit_qkv``: see above). The
+    base class changes nothing. Editing in place is allowed.
     """
 
     kinds: tuple[str, ...] = _KINDS
 
     def wants(self, kind: str, height: int, width: int) -> bool:
-        """Whether layers of this kind and query grid go through :meth:`edit` (the others keep
+        """Whether layers of this kind and query grid go through the hooks (the others keep
         their original processor, e.g. PyTorch's fused attention)."""
         return kind in self.kinds
+
+    def edit_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: AttnCall):
+        return q, k, v
+
+    def edit_scores(self, scores: torch.Tensor, info: AttnCall) -> torch.Tensor:
+        return scores
 
     def edit(self, probs: torch.Tensor, info: AttnCall) -> torch.Tensor:
         return probs
@@ -251,6 +318,23 @@ def _kind_of_name(name: str) -> str | None:
     if ".attn2" in name:
         return "cross"
     return None
+
+
+_PLACE_ORDER = {"down": 0, "mid": 1, "up": 2, "other": 3}
+
+
+def attention_layers(unet, kind: str = "self") -> list[str]:
+    """Names of ``unet``'s attention layers of ``kind`` ("self" = ``attn1``, "cross" =
+    ``attn2``) in the order a forward pass calls them: down blocks, the mid block, up blocks
+    (diffusers registers ``up_blocks`` before ``mid_block``, so ``attn_processors`` is not in
+    call order). Layer rules of the editing methods are stated on this list: e.g. MasaCtrl's
+    "layers 10-15 of Stable Diffusion's 16" is ``names[10:]``. Names lack ``.processor``."""
+    kind = check_choice(kind, "kind", _KINDS)
+    if not hasattr(unet, "attn_processors"):
+        raise TypeError(f"unet must be a diffusers model with attention processors, got "
+                        f"{type(unet).__name__}")
+    names = [k[: -len(".processor")] for k in unet.attn_processors if _kind_of_name(k) == kind]
+    return sorted(names, key=lambda n: _PLACE_ORDER[_place(n)])   # stable: keeps module order
 
 
 class AttentionStore:
@@ -298,6 +382,7 @@ class AttentionStore:
         self._unet = None
         self._saved = None
         self._hook = None
+        self._index: dict[str, tuple[int, int]] = {}
         self.reset()
 
     # -- lifecycle
@@ -326,6 +411,10 @@ class AttentionStore:
             new[key] = (RecordingAttnProcessor(self, key[: -len(".processor")], fallback=proc)
                         if kind in self.kinds or kind in ctrl_kinds else proc)
         unet.set_attn_processor(new)
+        self._index = {}
+        for kind in _KINDS:
+            names = attention_layers(unet, kind)
+            self._index.update({n: (i, len(names)) for i, n in enumerate(names)})
         self._saved, self._unet = saved, unet
         self._hook = unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self
@@ -391,21 +480,60 @@ class AttentionStore:
         h, w = self._grid(n_query)
         return bool(c.wants(kind, h, w))
 
-    def _edit(self, name: str, attn, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
-        """Hand ``probs`` (B*heads, h*w, M) to the controller as (B, heads, h*w, M)."""
+    def _call(self, name: str, attn, n_q: int, n_k: int, is_cross: bool) -> "AttnCall | None":
+        """The :class:`AttnCall` for this layer call if the controller edits it, else None."""
         c = self.controller
         kind = "cross" if is_cross else "self"
         if c is None or kind not in getattr(c, "kinds", _KINDS):
-            return probs
-        bh, n_q, n_k = probs.shape
+            return None
         h, w = self._grid(n_q)
         if not c.wants(kind, h, w):
-            return probs
+            return None
         heads = attn.heads
         order = self.info[name].order if name in self.info else -1
-        info = AttnCall(name, kind, _place(name), h, w, heads, n_k, order, bh // heads,
-                        max(self.step, 0), self.layout)
-        out = c.edit(probs.view(bh // heads, heads, n_q, n_k), info)
+        index, count = self._index.get(name, (-1, 0))
+        return AttnCall(name, kind, _place(name), h, w, heads, n_k, order, 0,
+                        max(self.step, 0), self.layout, index, count)
+
+    @staticmethod
+    def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(x.shape[0] // heads, heads, *x.shape[1:])
+
+    def _edit_qkv(self, c, attn, q, k, v, call: AttnCall):
+        h = attn.heads
+        call.batch = q.shape[0] // h
+        out = c.edit_qkv(self._split(q, h), self._split(k, h), self._split(v, h), call)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise RuntimeError(f"controller.edit_qkv must return (q, k, v), got "
+                               f"{type(out).__name__}")
+        q2, k2, v2 = out
+        if q2.shape != self._split(q, h).shape or k2.shape[:2] != (call.batch, h) \
+                or k2.shape[-1] != k.shape[-1] or v2.shape[:3] != k2.shape[:3]:
+            raise RuntimeError(f"controller.edit_qkv changed shapes: q {tuple(q.shape)} -> "
+                               f"{tuple(q2.shape)}, k -> {tuple(k2.shape)}, v -> "
+                               f"{tuple(v2.shape)} (split by head)")
+        return (q2.reshape(q.shape), k2.reshape(-1, *k2.shape[2:]),
+                v2.reshape(-1, *v2.shape[2:]))
+
+    def _edit_scores(self, c, attn, scores, call: AttnCall):
+        h = attn.heads
+        call.batch = scores.shape[0] // h
+        out = c.edit_scores(self._split(scores, h), call)
+        if not isinstance(out, torch.Tensor) or out.shape != self._split(scores, h).shape:
+            raise RuntimeError(f"controller.edit_scores must return a tensor of shape "
+                               f"{tuple(self._split(scores, h).shape)}, got "
+                               f"{getattr(out, 'shape', type(out).__name__)}")
+        return out.reshape(scores.shape)
+
+    def _edit(self, c, attn, probs: torch.Tensor, call: AttnCall) -> torch.Tensor:
+        """Hand ``probs`` (B*heads, h*w, M) to the controller as (B, heads, h*w, M)."""
+        if not _overrides(c, "edit"):
+            return probs
+        heads = attn.heads
+        bh, n_q, n_k = probs.shape
+        call.batch = bh // heads
+        call.keys = n_k
+        out = c.edit(probs.view(bh // heads, heads, n_q, n_k), call)
         if not isinstance(out, torch.Tensor) or out.shape != (bh // heads, heads, n_q, n_k):
             raise RuntimeError(f"controller.edit must return a tensor of shape "
                                f"{(bh // heads, heads, n_q, n_k)}, got "

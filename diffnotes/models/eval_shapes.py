@@ -40,7 +40,8 @@ from ..data import shapes as S
 
 __all__ = ["GOALS", "single_object_prompts", "segment_object", "judge_color", "judge_position",
            "judge_size", "shape_judge", "judge_shape", "attention_iou", "judge_accuracy",
-           "evaluate", "EvalResult"]
+           "evaluate", "EvalResult", "segment_objects", "judge_scene", "binding_outcome",
+           "OUTCOMES", "two_object_prompts", "scene_judge_accuracy"]
 
 #: the issue's goals: fractions correct, and the mean IoU of attention maps.
 GOALS = {"color": 0.90, "shape": 0.85, "position": 0.80, "attention_miou": 0.5}
@@ -228,6 +229,125 @@ def judge_accuracy(n: int = 300, seed: int = 777) -> dict:
         hits["position"] += judge_position(m) == o["position"]
         hits["size"] += judge_size(m) == o["size"]
     return {k: v / n for k, v in hits.items()}
+
+
+# ---------------------------------------------------------------------------- scenes of several objects
+_MIN_AREA = 24       # px: smaller components are specks of a decoder, not objects
+
+
+def segment_objects(image, min_area: int = _MIN_AREA) -> list[np.ndarray]:
+    """Boolean masks (H, W) of every object: the foreground of :func:`segment_object` (the same
+    background colour and threshold), split by nearest palette colour, then into connected
+    components of at least ``min_area`` pixels, holes filled, largest first. Touching objects
+    of one colour merge into one component; :func:`scene_judge_accuracy` measures how often
+    the judges miss on the generator's own scenes."""
+    from scipy import ndimage
+
+    img = _as_hwc(image)
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(img - bg, axis=-1)
+    thr = max(_FG_DIST, float(np.quantile(np.linalg.norm(border - bg, axis=-1), 0.9)) + 0.08)
+    fg = dist > thr
+    # split the foreground by nearest palette colour first, so that two touching objects of
+    # different colours stay two objects
+    pal = np.asarray(list(S.COLORS.values()))
+    nearest = np.argmin(np.linalg.norm(img[..., None, :] - pal, axis=-1), axis=-1)
+    masks = []
+    for c in range(len(pal)):
+        lab, n = ndimage.label(fg & (nearest == c))
+        masks += [ndimage.binary_fill_holes(lab == k) for k in range(1, n + 1)]
+    masks = [m for m in masks if m.sum() >= min_area]
+    return sorted(masks, key=lambda m: -int(m.sum()))
+
+
+def judge_scene(image, clf=None, min_area: int = _MIN_AREA) -> list[dict]:
+    """Every object of a generated (or rendered) scene, judged: a list of ``{mask, area, box,
+    color, shape, position}`` (box ``(x0, y0, x1, y1)`` in pixels, end-exclusive, like the
+    generator's), largest first. The colour and shape judges are those of the single-object
+    evaluation, applied to each component."""
+    clf = clf or shape_judge()
+    out = []
+    for m in segment_objects(image, min_area):
+        ys, xs = np.nonzero(m)
+        out.append(dict(mask=m, area=int(m.sum()),
+                        box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
+                        color=judge_color(image, m), shape=judge_shape(m, clf),
+                        position=judge_position(m)))
+    return out
+
+
+#: the outcomes of :func:`binding_outcome`, in the order they are tested.
+OUTCOMES = ("neglect", "binding", "wrong_shape", "correct")
+
+
+def binding_outcome(found: list[dict], requested: list[dict]) -> str:
+    """Classify a generated scene against the requested objects (dicts with ``shape`` and
+    ``color``; distinct shapes), in this order:
+
+    * ``"neglect"``: fewer objects found than requested;
+    * ``"correct"``: every requested (shape, colour) pair is found;
+    * ``"binding"``: every requested shape is found, but some colour sits on the wrong object
+      or is repeated (attribute leakage: "a red circle and a blue square" drawn with a blue
+      circle, or two red objects);
+    * ``"wrong_shape"``: enough objects, but a requested shape is missing (a star drawn for a
+      square).
+    """
+    if len(found) < len(requested):
+        return "neglect"
+    pairs = {(o["shape"], o["color"]) for o in found}
+    if all((r["shape"], r["color"]) in pairs for r in requested):
+        return "correct"
+    shapes = {o["shape"] for o in found}
+    if all(r["shape"] in shapes for r in requested):
+        return "binding"
+    return "wrong_shape"
+
+
+def two_object_prompts(n: int, seed: int = 0, shapes=None, colors=None) -> list[dict]:
+    """``n`` prompts of two objects without positions, distinct shapes and distinct colours
+    (``"a red circle and a blue square"``), every ordered pair of shapes about equally often.
+
+    Returns dicts ``{objects: [{shape, color}, {shape, color}], prompt}``; deterministic."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    shapes = tuple(shapes or S.TRAIN_SHAPES)
+    colors = tuple(colors or S.TRAIN_COLORS)
+    rng = np.random.default_rng(seed)
+    pairs = [(a, b) for a in shapes for b in shapes if a != b]
+    order = np.concatenate([rng.permutation(len(pairs)) for _ in range(n // len(pairs) + 1)])[:n]
+    out = []
+    for k in order:
+        c1, c2 = rng.choice(len(colors), size=2, replace=False)
+        objs = [dict(shape=pairs[k][0], color=colors[c1]), dict(shape=pairs[k][1], color=colors[c2])]
+        out.append(dict(objects=objs, prompt=S.caption_objects(objs, False, False)[0]))
+    return out
+
+
+def scene_judge_accuracy(n: int = 200, seed: int = 4242) -> dict:
+    """The scene judges on the generator's own two-object scenes (distinct shapes and colours,
+    blurred like :func:`_render_set`), where the answer is "correct" every time: the fraction
+    of each outcome of :func:`binding_outcome`. ``correct`` is the judges' accuracy; the rest
+    is how often they would call a perfect image a failure."""
+    from scipy import ndimage
+
+    sc = S.generate_scenes(4 * n, seed=seed, min_objects=2, max_objects=2)
+    rng = np.random.default_rng(seed + 1)
+    clf = shape_judge()
+    counts = dict.fromkeys(OUTCOMES, 0)
+    used = 0
+    for im, objs in zip(sc.images, sc.objects):
+        if len({o["shape"] for o in objs}) < 2 or len({o["color"] for o in objs}) < 2:
+            continue
+        im = im.astype(np.float64)
+        if rng.random() < 0.5:
+            sig = rng.uniform(0.3, 1.2)
+            im = ndimage.gaussian_filter(im, sigma=(sig, sig, 0))
+        counts[binding_outcome(judge_scene(im, clf), objs)] += 1
+        used += 1
+        if used == n:
+            break
+    return {k: v / used for k, v in counts.items()}
 
 
 # ---------------------------------------------------------------------------- the evaluation
