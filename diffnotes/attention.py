@@ -126,6 +126,19 @@ class RecordingAttnProcessor:
             c = self.store.controller
             if _overrides(c, "edit_qkv"):
                 query, key, value = self.store._edit_qkv(c, attn, query, key, value, call)
+                if (attention_mask is None and not _overrides(c, "edit_scores")
+                        and not _overrides(c, "edit")
+                        and not self.store._wants(is_cross, query.shape[1])):
+                    # only q, k, v change and nothing is recorded: PyTorch's fused attention,
+                    # as diffusers' default AttnProcessor2_0 computes it (eq 1.47)
+                    h = attn.heads
+                    hidden_states = F.scaled_dot_product_attention(
+                        *(x.view(x.shape[0] // h, h, *x.shape[1:]) for x in (query, key, value)),
+                        scale=attn.scale)
+                    return self._finish(attn, hidden_states.flatten(0, 1), residual,
+                                        input_ndim, batch_size, channel if input_ndim == 4
+                                        else None, height if input_ndim == 4 else None,
+                                        width if input_ndim == 4 else None)
             if _overrides(c, "edit_scores"):
                 attention_probs = _scores_then_softmax(attn, query, key, attention_mask,
                                                        lambda s: self.store._edit_scores(
@@ -135,6 +148,12 @@ class RecordingAttnProcessor:
             attention_probs = self.store._edit(c, attn, attention_probs, call)
         self.store._record(self.name, attn, attention_probs, is_cross)
         hidden_states = torch.bmm(attention_probs, value)                  # A V  (1.47)
+        return self._finish(attn, hidden_states, residual, input_ndim, batch_size,
+                            *((channel, height, width) if input_ndim == 4 else (None,) * 3))
+
+    @staticmethod
+    def _finish(attn, hidden_states, residual, input_ndim, batch_size, channel, height, width):
+        """Heads merged, W_O, the residual: the tail of diffusers' ``AttnProcessor``."""
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -148,8 +167,13 @@ class RecordingAttnProcessor:
 
 
 def _overrides(controller, method: str) -> bool:
-    """Whether ``controller`` defines its own ``method`` (the base class's hooks are identities
-    and are skipped, so a controller that only edits probabilities costs nothing more)."""
+    """Whether ``controller`` uses its hook ``method``: those named in its ``hooks`` attribute
+    when it sets one (a controller whose hooks depend on its options, e.g. MasaCtrl with or
+    without masks), else those it defines itself. The base class's hooks are identities and are
+    skipped, so a controller that only edits probabilities costs nothing more."""
+    hooks = getattr(controller, "hooks", None)
+    if hooks is not None:
+        return method in hooks
     own = getattr(type(controller), method, None)
     base = getattr(AttentionController, method)
     return own is not None and own is not base
@@ -258,12 +282,16 @@ class AttentionController:
     ``info`` is an :class:`AttnCall` (layer name, kind, place, query grid, heads, the layer's
     ``index`` among the UNet's layers of its kind in forward order and their ``count``, the
     batch, the step, the store's :class:`BatchLayout`). A hook that a subclass does not define
-    is not called (``edit_scores`` then costs nothing: diffusers' fused score computation runs).
+    is not called (``edit_scores`` then costs nothing: diffusers' fused score computation runs);
+    a controller may also list the hooks it uses in ``hooks`` (e.g. ``("edit_qkv",)``) when that
+    depends on its options. A controller that uses ``edit_qkv`` alone, on a layer the store does
+    not record, gets PyTorch's fused attention after its edit (as diffusers' default processor).
     Each hook must return tensors of the shapes it was given (``edit_qkv``: see above). The
     base class changes nothing. Editing in place is allowed.
     """
 
     kinds: tuple[str, ...] = _KINDS
+    hooks: tuple[str, ...] | None = None     # None: the hooks the subclass defines
 
     def wants(self, kind: str, height: int, width: int) -> bool:
         """Whether layers of this kind and query grid go through the hooks (the others keep

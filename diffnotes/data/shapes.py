@@ -401,7 +401,8 @@ def render_objects(objects: Sequence[dict], *, background: str | float = "plain"
                    seed=0) -> tuple[np.ndarray, np.ndarray]:
     """Render specified objects (dicts with ``shape``, ``color``, ``size`` (default "large"),
     ``position`` (default "center") and optional ``cy`` (vertical centre, default 32) or exact
-    ``center=(x, y)``), drawn in order, without colour jitter.
+    ``center=(x, y)``, and optional ``radius`` (a continuous size in px, overriding ``size``)),
+    drawn in order, without colour jitter.
 
     ``background``: a grey level in [0, 1] or one of :data:`BACKGROUNDS` (textures use ``seed``).
     Returns ``(image (64, 64, 3) float32 in [0, 1], masks (len(objects), 64, 64) bool)``.
@@ -420,6 +421,11 @@ def render_objects(objects: Sequence[dict], *, background: str | float = "plain"
         shape_id[0, k] = SHAPES.index(_check_one(obj.get("shape"), SHAPES, f"objects[{k}]['shape']"))
         rgb[0, k] = COLORS[_check_one(obj.get("color"), tuple(COLORS), f"objects[{k}]['color']")]
         radius[0, k] = SIZES[_check_one(obj.get("size", "large"), tuple(SIZES), f"objects[{k}]['size']")]
+        if obj.get("radius") is not None:         # optional continuous size (px), overrides size
+            radius[0, k] = float(obj["radius"])
+            if not 0.0 < radius[0, k] <= _WINDOW / 3:
+                raise ValueError(f"objects[{k}]['radius'] must be in (0, {_WINDOW / 3:g}] px, "
+                                 f"got {obj['radius']!r}")
         pos = _check_one(obj.get("position", "center"), tuple(POSITIONS), f"objects[{k}]['position']")
         if obj.get("center") is not None:
             cx[0, k], cy[0, k] = (float(c) for c in obj["center"])

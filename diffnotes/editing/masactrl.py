@@ -194,6 +194,9 @@ class MasaCtrlController(AttentionController):
         self._cur_step = -1
         self._cache: dict = {}
         self.masks = self.given
+        # without masks only the keys and values change: the attention itself stays fused
+        self.hooks = (("edit_qkv", "edit_scores", "edit") if (self.auto or self.given is not None)
+                      else ("edit_qkv",))
 
     # -- which rows
     def _pairs(self):
