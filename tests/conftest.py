@@ -55,3 +55,13 @@ def digits_clf():
     """The shipped noise-conditional digits classifier."""
     from diffnotes.models import digits
     return digits.load_classifier()
+
+
+@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
+def pipe(request):
+    """Both text-to-image layouts every editing and recognition function must run on, in float64
+    (exact no-op tests): the shipped shapes pipeline and the random SD-1.5-layout tiny one."""
+    from diffnotes.models.load import load_pipeline
+    p = load_pipeline(request.param)
+    p.to(torch.float64)
+    return p

@@ -30,14 +30,6 @@ from diffnotes.editing.inversion import ddim_invert_image, encode_image  # noqa:
 STEPS = 3
 
 
-@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
-def pipe(request):
-    from diffnotes.models.load import load_pipeline
-    p = load_pipeline(request.param)
-    p.to(torch.float64)
-    return p
-
-
 def _latents(pipe, seed):
     """A clean latent z_0 (1, C, h, w): the shapes model encodes a rendered scene, the SD-layout
     pipeline a random image (its VAE is random too)."""

@@ -17,14 +17,6 @@ from diffnotes.attention import (AttentionController, AttentionStore,  # noqa: E
 from diffnotes.editing.common import encode_prompts  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
-def pipe(request):
-    from diffnotes.models.load import load_pipeline
-    p = load_pipeline(request.param)
-    p.to(torch.float64)
-    return p
-
-
 def _run(pipe, ctrl, B=2, kinds=("cross", "self")):
     u = pipe.unet.config
     g = torch.Generator().manual_seed(0)

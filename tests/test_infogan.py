@@ -75,7 +75,7 @@ def test_best_matching_accuracy():
 def test_infogan_shapes_and_round_trip(tmp_path):
     torch.set_num_threads(1)
     from diffnotes.representation import infogan as IG
-    out = IG.train(steps=3, batch_size=8, n_data=32, out_dir=tmp_path, log_every=1)
+    IG.train(steps=3, batch_size=8, n_data=32, out_dir=tmp_path, log_every=1)
     G, D = IG.load_infogan(tmp_path / "infogan.safetensors")
     z, c, cc = IG.sample_codes(4, torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -25,14 +25,6 @@ STEPS = 3
 SRC, TGT, LONG = "a red circle", "a blue circle", "a large red circle"
 
 
-@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
-def pipe(request):
-    from diffnotes.models.load import load_pipeline
-    p = load_pipeline(request.param)
-    p.to(torch.float64)
-    return p
-
-
 def _xT(pipe, seed=0):
     u = pipe.unet.config
     g = torch.Generator().manual_seed(seed)

@@ -26,14 +26,6 @@ STEPS = 3
 SRC, TGT = "a red circle", "a blue square"
 
 
-@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
-def pipe(request):
-    from diffnotes.models.load import load_pipeline
-    p = load_pipeline(request.param)
-    p.to(torch.float64)
-    return p
-
-
 def _xT(pipe, seed=0, n=1):
     u = pipe.unet.config
     g = torch.Generator().manual_seed(seed)

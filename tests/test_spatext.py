@@ -29,14 +29,6 @@ from diffnotes.editing.spatext import (SpaTextConvIn, SpaTextModel, choose_segme
 STEPS = 2
 
 
-@pytest.fixture(scope="module", params=["shapes", "sd-1.5-layout-tiny"])
-def pipe(request):
-    from diffnotes.models.load import load_pipeline
-    p = load_pipeline(request.param)
-    p.to(torch.float64)
-    return p
-
-
 def _sizes(pipe):
     s = pipe.unet.config.sample_size
     return s * pipe.vae_scale_factor, s

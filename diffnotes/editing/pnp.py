@@ -179,7 +179,7 @@ def plug_and_play(pipe, image_or_latents, target_prompt: str, *, feature_layer=N
     else:
         check_tensor(image_or_latents, "image_or_latents", ndim=4)
         x_T = image_or_latents
-    C, s = unet.config.in_channels, unet.config.sample_size
+    C = unet.config.in_channels
     if x_T.ndim != 4 or x_T.shape[0] != 1 or x_T.shape[1] != C:
         raise ValueError(f"image_or_latents must give a latent of shape (1, {C}, h, w), got "
                          f"{tuple(x_T.shape)}")

@@ -96,7 +96,7 @@ def tangents(steps: int = 2500, n_train: int = 4000, n_test: int = 100) -> dict:
 
 
 def dimension(n: int = 3000, n_unet: int = 800, vae_steps: int = 2000) -> dict:
-    from .manifold import local_pca_dimension, render_scenes, sample_scene_params
+    from .manifold import local_pca_dimension, sample_scene_params
 
     out = {"true_continuous_factors": 3, "threshold": 0.9, "n_neighbors": 15}
     X, _ = circle_data(n, 1)
@@ -231,7 +231,6 @@ def betavae(steps: int = 1200, n_train: int = 4000, n_test: int = 2000, d: int =
         mu = encode_means(vae, Xte).numpy()
         keep = np.argsort(-mu.var(0))
         z0 = torch.from_numpy(mu[0]).float()
-        order = torch.as_tensor(keep.copy())
         grid = traversal_grid(lambda Z: vae.decode(Z), z0, np.linspace(-2.5, 2.5, 7))
         grid = grid.reshape(d, -1, grid.shape[1])[keep.tolist()].reshape(-1, grid.shape[1])  # by variance
         r = {"mig": mig(mu, factors, discrete=disc)["mig"],
