@@ -8,7 +8,15 @@ one module each, and are importable from here (loaded on first use):
 - :func:`attention_explorer` (``attention.py``): cross-attention per word, step range, resolution;
 - :func:`graph_cut_explorer` (``ising.py``): λ and σ of the contrast-sensitive graph cut;
 - :func:`sdedit_explorer` (``sdedit.py``): SDEdit's noise strength and mask on one real image;
-- :func:`p2p_explorer` (``p2p.py``): Prompt-to-Prompt's cross-replace fraction τ per kind of edit.
+- :func:`p2p_explorer` (``p2p.py``): Prompt-to-Prompt's cross-replace fraction τ per kind of edit;
+- :func:`masactrl_explorer` (``masactrl.py``): MasaCtrl's start step and start layer;
+- :func:`layout_explorer` (``layout.py``): the strength λ of the layout methods;
+- :func:`ae_explorer` (``binding.py``): Attend-and-Excite's step size and thresholds;
+- :func:`appearance_explorer` (``appearance.py``): the attention contrast of Cross-Image Attention;
+- :func:`dae_sigma_explorer`, :func:`beta_vae_explorer` (``representation.py``): σ of the
+  denoising autoencoder, β of the β-VAE;
+- :func:`bayes_explorer` (``elbo_align.py``): priors and likelihoods of the three misalignment
+  cases of ELBO-T2IAlign.
 """
 import importlib
 
@@ -16,7 +24,10 @@ from ._core import StaticExplorer, explorer, is_static, static_explorer, to_png_
 
 _NAMED = {"ddim_explorer": "ddim", "guidance_explorer": "guidance",
           "attention_explorer": "attention", "graph_cut_explorer": "ising",
-          "sdedit_explorer": "sdedit", "p2p_explorer": "p2p"}
+          "sdedit_explorer": "sdedit", "p2p_explorer": "p2p", "masactrl_explorer": "masactrl",
+          "layout_explorer": "layout", "ae_explorer": "binding",
+          "appearance_explorer": "appearance", "dae_sigma_explorer": "representation",
+          "beta_vae_explorer": "representation", "bayes_explorer": "elbo_align"}
 
 __all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes", *_NAMED]
 
