@@ -311,25 +311,75 @@ class AttentionController:
 # ---------------------------------------------------------------------------- the collector
 class AttentionCollector:
     """The attention probabilities of the current UNet call, kept with their autograd graph, for
-    a loss on attention maps while training (``diffnotes.models.train``'s attention/mask loss).
+    a loss on attention maps (``diffnotes.models.train``'s attention/mask loss, Attend-and-Excite,
+    LMD's attention energy).
 
     Fed by :class:`RecordingAttnProcessor` like an :class:`AttentionStore`: while ``active``,
     ``maps`` gains, in forward order, each recorded layer's head-averaged probabilities, shape
-    ``(B, h*w, M)``, not detached. Empty ``maps`` (``collector.maps = []``) before each call.
+    ``(B, h*w, M)``, not detached, and ``names`` the layer's name. Empty both
+    (:meth:`clear`) before each call. :meth:`attach` installs the recording processor on the
+    layers of ``kinds`` (only those named in ``layers`` when given); every other layer keeps its
+    processor. A collector edits nothing (it has no controller).
     """
 
-    def __init__(self, kinds: Sequence[str] = ("cross",), active: bool = True):
+    controller = None
+
+    def __init__(self, kinds: Sequence[str] = ("cross",), active: bool = True,
+                 layers: Iterable[str] | None = None):
         self.kinds = _check_kinds(kinds)
         self.active = active
+        self.layers = None if layers is None else {str(n) for n in layers}
         self.maps: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self._unet = self._saved = None
+
+    def clear(self) -> None:
+        self.maps, self.names = [], []
+
+    def by_name(self) -> dict[str, torch.Tensor]:
+        """The maps of the current call by layer name."""
+        return dict(zip(self.names, self.maps))
+
+    def _call(self, *args, **kwargs) -> None:      # the processor asks for a controller's call
+        return None
 
     def _wants(self, is_cross: bool, n_query: int) -> bool:
         return ("cross" if is_cross else "self") in self.kinds
 
     def _record(self, name: str, attn, probs: torch.Tensor, is_cross: bool) -> None:
-        if self.active and self._wants(is_cross, probs.shape[1]):
+        if self.active and self._wants(is_cross, probs.shape[1]) and (
+                self.layers is None or name in self.layers):
             bh, n_q, n_k = probs.shape
             self.maps.append(probs.view(bh // attn.heads, attn.heads, n_q, n_k).mean(1))
+            self.names.append(name)
+
+    def attach(self, unet) -> "AttentionCollector":
+        if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
+            raise TypeError(f"unet must be a diffusers model with attention processors, got "
+                            f"{type(unet).__name__}")
+        if self._unet is not None:
+            raise RuntimeError("this AttentionCollector is already attached; call detach() first")
+        self._saved = dict(unet.attn_processors)
+        new = {}
+        for key, proc in self._saved.items():
+            name = key[: -len(".processor")]
+            keep = _kind_of_name(key) in self.kinds and (self.layers is None or name in self.layers)
+            new[key] = RecordingAttnProcessor(self, name, fallback=proc) if keep else proc
+        unet.set_attn_processor(new)
+        self._unet = unet
+        return self
+
+    def detach(self) -> None:
+        if self._unet is not None:
+            self._unet.set_attn_processor(self._saved)
+            self._unet = self._saved = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
 
 
 # ---------------------------------------------------------------------------- the store
