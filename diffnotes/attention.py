@@ -41,7 +41,8 @@ from .utils import check_choice, check_int, check_range
 
 __all__ = [
     "RecordingAttnProcessor", "AttentionStore", "AttentionCollector", "LayerInfo",
-    "AttentionController", "AttnCall", "BatchLayout", "attention_layers",
+    "AttentionController", "AttnCall", "BatchLayout", "attention_layers", "layer_resolutions",
+    "attention_resolutions",
     "tokenize_prompt", "prompt_words", "word_token_indices",
     "upsample", "normalize_map", "overlay", "generate_with_attention",
 ]
@@ -413,6 +414,34 @@ def attention_layers(unet, kind: str = "self") -> list[str]:
                         f"{type(unet).__name__}")
     names = [k[: -len(".processor")] for k in unet.attn_processors if _kind_of_name(k) == kind]
     return sorted(names, key=lambda n: _PLACE_ORDER[_place(n)])   # stable: keeps module order
+
+
+def layer_resolutions(unet, kind: str = "self", latent_hw=None) -> list[int]:
+    """The query-grid side of each layer of :func:`attention_layers` ``(unet, kind)``, in the
+    same (forward) order, from the layer's block and the latent size (default: the UNet's
+    ``sample_size``): down block b runs at the latent side halved b times (rounded up, as the
+    stride-2 convolutions round), the mid block at the last down block's grid, up block b at
+    down block ``len(up_blocks) − 1 − b``'s. Layer rules by resolution ("the 16×16 maps",
+    "decoder layers at ≥ half the latent side") are stated on this list."""
+    H = int(max(latent_hw)) if latent_hw is not None else int(unet.config.sample_size)
+    n_down = len(unet.config.down_block_types)
+    n_up = len(unet.config.up_block_types)
+    out = []
+    for name in attention_layers(unet, kind):
+        part, _, rest = name.partition(".")
+        k = (int(rest.split(".")[0]) if part == "down_blocks" else
+             n_up - 1 - int(rest.split(".")[0]) if part == "up_blocks" else n_down - 1)
+        side = H
+        for _ in range(k):
+            side = math.ceil(side / 2)
+        out.append(side)
+    return out
+
+
+def attention_resolutions(unet, kind: str = "cross", latent_hw=None) -> list[int]:
+    """The distinct query-grid sides of the UNet's attention layers of ``kind``, largest first
+    (Stable Diffusion's 64×64 latent: 64, 32, 16, 8)."""
+    return sorted(set(layer_resolutions(unet, kind, latent_hw)), reverse=True)
 
 
 class AttentionStore:

@@ -142,3 +142,23 @@ def test_bad_input(pipe):
 
     with pytest.raises(RuntimeError, match="edit_scores"):
         _run(pipe, Bad())
+
+
+def test_layer_resolutions_are_the_grids_the_layers_see(pipe):
+    """layer_resolutions (from block names and the config) equals the query grid each layer
+    really has in a forward pass, in forward order; SD 1.5's layout gives its published sides."""
+    from diffnotes.attention import attention_resolutions, layer_resolutions
+    seen = {"self": [], "cross": []}
+
+    class Spy(AttentionController):
+        def edit_scores(self, s, info):
+            seen[info.kind].append(info.res)
+            return s
+
+    _run(pipe, Spy())
+    for kind in ("self", "cross"):
+        assert layer_resolutions(pipe.unet, kind) == seen[kind]
+        assert attention_resolutions(pipe.unet, kind) == sorted(set(seen[kind]), reverse=True)
+    if pipe.unet.config.sample_size == 40:
+        assert seen["self"] == [40, 40, 20, 20, 10, 10, 5, 10, 10, 10, 20, 20, 20, 40, 40, 40]
+        assert layer_resolutions(pipe.unet, "cross", (64, 64))[6:10] == [8, 16, 16, 16]

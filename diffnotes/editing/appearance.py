@@ -51,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttentionController, AttentionStore, BatchLayout, attention_layers
+from ..attention import (AttentionController, AttentionStore, BatchLayout, attention_layers,
+                         layer_resolutions)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
 from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
@@ -211,9 +212,9 @@ def selected_layers(unet, latent_side: int, min_res_fraction: float = 0.5,
                              f"{len(names)} self-attention layers, got {list(layers)}")
         return out
     f = check_range(min_res_fraction, "min_res_fraction", 0, 1)
-    nd, nu = len(unet.config.down_block_types), len(unet.config.up_block_types)
+    sides = layer_resolutions(unet, "self", (latent_side, latent_side))
     return [i for i, n in enumerate(names) if n.startswith("up_blocks.")
-            and _layer_side(n, latent_side, nd, nu) >= f * latent_side - 1e-9]
+            and sides[i] >= f * latent_side - 1e-9]
 
 
 def _image_np(pipe, z: torch.Tensor) -> np.ndarray:
@@ -321,28 +322,14 @@ class CrossImageController(AttentionController):
         return probs
 
 
-def _layer_side(name: str, latent_side: int, n_down: int, n_up: int) -> int:
-    """Query-grid side of a self-attention layer from its block: down block b at L / 2^b, the
-    mid block at L / 2^(n_down − 1), up block b at L / 2^(n_up − 1 − b) (ceil, as the UNet's
-    convolutions round)."""
-    b = int(name.split(".")[1]) if not name.startswith("mid_block") else None
-    k = (b if name.startswith("down_blocks.") else
-         n_down - 1 if b is None else n_up - 1 - b)
-    side = latent_side
-    for _ in range(k):
-        side = math.ceil(side / 2)
-    return side
-
-
 def _rule_windows(pipe, layer_idx, N, steps, low_res_steps) -> dict:
     """{grid side: (start, end) step indices} for the sides of the selected layers: the side
     equal to the latent's gets ``steps``, the coarser ones ``low_res_steps``."""
-    names = attention_layers(pipe.unet, "self")
     L = _latent_side(pipe)
-    nd, nu = len(pipe.unet.config.down_block_types), len(pipe.unet.config.up_block_types)
+    sides = layer_resolutions(pipe.unet, "self", (L, L))
     out = {}
     for i in layer_idx:
-        side = _layer_side(names[i], L, nd, nu)
+        side = sides[i]
         w = steps if side >= L else low_res_steps
         out[side] = (_n(w[0], N), _n(w[1], N))
     return out

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import (AttentionCollector, AttentionController, AttentionStore, BatchLayout,
-                         attention_layers, word_token_indices)
+                         attention_layers, layer_resolutions, word_token_indices)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
 from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
@@ -540,18 +540,9 @@ def lmd_guidance_layers(unet, latent_hw: tuple[int, int] | None = None) -> list[
     the mid block (8×8) and ``up_blocks.1`` (16×16), LMD's published choice; on the shapes model
     (16 and 8) every mid and decoder layer. Resolutions come from the layers' block depth."""
     names = attention_layers(unet, "cross")
-    depth = {}
-    n_down = len(unet.config.down_block_types)
-    for n in names:
-        parts = n.split(".")
-        if n.startswith("down_blocks"):
-            depth[n] = int(parts[1])
-        elif n.startswith("mid_block"):
-            depth[n] = n_down - 1
-        else:
-            depth[n] = n_down - 1 - int(parts[1])
-    levels = sorted(set(depth.values()), reverse=True)[:2]
-    return [n for n in names if not n.startswith("down_blocks") and depth[n] in levels]
+    res = layer_resolutions(unet, "cross", latent_hw)
+    levels = sorted(set(res))[:2]
+    return [n for n, r in zip(names, res) if not n.startswith("down_blocks") and r in levels]
 
 
 def _energy_step(pipe, x, t, cond, layers, boxes, tokens, eta, alpha_bar, ekw, ref=None,

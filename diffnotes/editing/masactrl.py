@@ -49,14 +49,14 @@ source row's K and V (as the official code does for the unconditional and condit
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import (AttentionController, AttentionStore, BatchLayout, attention_layers,
-                         tokenize_prompt, word_token_indices)
+                         attention_resolutions, layer_resolutions, tokenize_prompt,
+                         word_token_indices)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
 from .common import (edit_outputs, encode_prompts, pipe_alphas_cumprod, pipe_eps_model,
@@ -65,7 +65,7 @@ from .common import (edit_outputs, encode_prompts, pipe_alphas_cumprod, pipe_eps
 __all__ = ["mutual_self_attention", "MasaCtrlController", "default_start_layer",
            "kv_injection", "mask_logit_bias", "masked_mutual_attention",
            "masked_mutual_attention_blend", "printed_masked_attention", "resize_mask",
-           "mask_resolution", "layer_resolutions"]
+           "mask_resolution"]
 
 
 # ---------------------------------------------------------------------------- the equations
@@ -139,30 +139,9 @@ def mask_resolution(unet, latent_hw) -> int:
     """The resolution of the cross-attention layers the automatic masks are read from: the UNet's
     attention resolution closest to a quarter of the latent side, ties to the larger (SD 1.5: 16
     of 64, MasaCtrl's 16×16 maps; the shapes model: 8 of 16)."""
-    from .p2p import _self_attention_resolutions
-    res = _self_attention_resolutions(unet, latent_hw)          # largest first
+    res = attention_resolutions(unet, "self", latent_hw)        # largest first
     goal = max(latent_hw) / 4
     return min(res, key=lambda r: (abs(r - goal), -r))
-
-
-def layer_resolutions(unet, kind: str, latent_hw) -> list[int]:
-    """The query-grid side of each attention layer of ``kind`` in forward order, from its name
-    and the UNet config (every down block but the last halves the grid; the mid block runs at the
-    last down block's grid; up block b at that of down block ``len(up) − 1 − b``)."""
-    H = max(latent_hw)
-    n_down = len(unet.config.down_block_types)
-    n_up = len(unet.config.up_block_types)
-    out = []
-    for name in attention_layers(unet, kind):
-        part, _, rest = name.partition(".")
-        if part == "down_blocks":
-            k = int(rest.split(".")[0])
-        elif part == "up_blocks":
-            k = n_up - 1 - int(rest.split(".")[0])
-        else:
-            k = n_down - 1
-        out.append(math.ceil(H / 2 ** k))
-    return out
 
 
 # ---------------------------------------------------------------------------- the controller

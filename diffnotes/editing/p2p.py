@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import (AttentionController, AttentionStore, AttnCall, BatchLayout, _KINDS,
-                         tokenize_prompt, upsample, word_token_indices)
+                         attention_resolutions, tokenize_prompt, upsample, word_token_indices)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
 from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
@@ -381,18 +381,6 @@ class LocalBlend:
 
 
 # ---------------------------------------------------------------------------- the controller
-def _self_attention_resolutions(unet, latent_hw) -> list[int]:
-    """The self-attention resolutions of a UNet, from its config (down blocks with attention,
-    and the mid block)."""
-    H = max(latent_hw)
-    types = list(getattr(unet.config, "down_block_types", []) or [])
-    res = {math.ceil(H / 2 ** i) for i, t in enumerate(types) if "Attn" in t}
-    mid = getattr(unet.config, "mid_block_type", "UNetMidBlock2DCrossAttn")
-    if types and mid and "Attn" in str(mid):
-        res.add(math.ceil(H / 2 ** (len(types) - 1)))
-    return sorted(res, reverse=True)
-
-
 class P2PController(AttentionController):
     """Prompt-to-Prompt's attention control for a batch laid out as ``layout`` (prompt 0 the
     source): cross-attention edits by ``edit`` within the windows ``(start, end)`` of
@@ -534,7 +522,7 @@ def prompt_to_prompt(pipe, prompts: Sequence[str], edit, *, num_inference_steps:
     acl = pipe_alphas_cumprod(pipe).tolist()
     hw = (x.shape[-2], x.shape[-1])
     if self_replace_max_res is None:            # the lower half of the resolutions
-        res = _self_attention_resolutions(unet, hw)
+        res = attention_resolutions(unet, "self", hw)
         self_replace_max_res = res[len(res) // 2] if res else 0
     else:
         check_int(self_replace_max_res, "self_replace_max_res", min=0)

@@ -34,9 +34,10 @@ Choices of this implementation (documented, with the official ``pnp-diffusers`` 
 """
 from __future__ import annotations
 
-from ..attention import AttentionController, BatchLayout, attention_layers, tokenize_prompt
+from ..attention import (AttentionController, BatchLayout, attention_layers, layer_resolutions,
+                         tokenize_prompt)
 from ..utils import check_int, check_range, check_tensor
-from .masactrl import _check_output_type, _check_prompt, _finish, _pair_sample, layer_resolutions
+from .masactrl import _check_output_type, _check_prompt, _finish, _pair_sample
 from .p2p import _n_steps
 
 __all__ = ["plug_and_play", "PnPController", "decoder_resnets", "default_feature_layer",
