@@ -19,15 +19,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffnotes.attention import AttentionStore, BatchLayout, tokenize_prompt  # noqa: E402
-from diffnotes.ddim import ddim_sample  # noqa: E402
 from diffnotes.editing.binding import (StructureController, ae_loss,  # noqa: E402
                                        aligned_phrase_embeddings, attend_and_excite,
                                        attention_resolutions, default_attention_res,
                                        gaussian_kernel, max_attention_per_token, noun_phrases,
                                        phrase_token_spans, smooth_map, softmax_columns,
                                        step_sizes, structure_diffusion)
-from diffnotes.editing.common import (encode_prompts, pipe_alphas_cumprod,  # noqa: E402
-                                      pipe_eps_model, pipe_timesteps)
+from diffnotes.editing.common import encode_prompts, pipe_timesteps  # noqa: E402
+
+from pipeline_helpers import noise_latents, plain_sample  # noqa: E402
 
 STEPS = 3
 PROMPT, WORDS = "a red circle and a blue square", ["circle", "square"]
@@ -41,17 +41,11 @@ def shapes():
     return p
 
 
-def _xT(pipe, seed=0, n=1):
-    u = pipe.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, u.in_channels, u.sample_size, u.sample_size), generator=g,
-                       dtype=torch.float64)
+_xT = noise_latents
 
 
 def _plain(pipe, prompt, xT, steps=STEPS, gs=7.5):
-    eps = pipe_eps_model(pipe, encode_prompts(pipe, prompt), encode_prompts(pipe, ""), gs)
-    with torch.no_grad():
-        return ddim_sample(eps, xT, pipe_timesteps(pipe, steps), pipe_alphas_cumprod(pipe))
+    return plain_sample(pipe, prompt, xT, steps, gs)
 
 
 # ---------------------------------------------------------------------------- exact no-ops

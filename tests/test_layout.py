@@ -17,9 +17,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffnotes.ddim import ddim_sample  # noqa: E402
-from diffnotes.editing.common import (encode_prompts, pipe_alphas_cumprod,  # noqa: E402
-                                      pipe_eps_model, pipe_timesteps)
+from diffnotes.editing.common import encode_prompts  # noqa: E402
 from diffnotes.editing.layout import (SOURCE_EXAMPLE, attention_energy,  # noqa: E402
                                       box_masks, box_to_grid, canvas_split_boxes,
                                       dense_condition_maps, dense_diffusion, dense_lambda,
@@ -27,20 +25,16 @@ from diffnotes.editing.layout import (SOURCE_EXAMPLE, attention_energy,  # noqa:
                                       layout_prompt, lmd, lmd_guidance_layers, make_layout,
                                       parse_layout)
 
+from pipeline_helpers import noise_latents, plain_sample  # noqa: E402
+
 STEPS = 3
 
 
-def _xT(pipe, seed=0):
-    u = pipe.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((1, u.in_channels, u.sample_size, u.sample_size), generator=g,
-                       dtype=torch.float64)
+_xT = noise_latents
 
 
 def _plain(pipe, prompt, xT, steps=STEPS, gs=7.5, cond=None):
-    cond = encode_prompts(pipe, prompt) if cond is None else cond
-    eps = pipe_eps_model(pipe, cond, encode_prompts(pipe, ""), gs)
-    return ddim_sample(eps, xT, pipe_timesteps(pipe, steps), pipe_alphas_cumprod(pipe))
+    return plain_sample(pipe, prompt, xT, steps, gs, cond)
 
 
 def _span(mask):

@@ -14,27 +14,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffnotes.attention import AttentionController, AttentionStore  # noqa: E402
-from diffnotes.ddim import ddim_sample  # noqa: E402
-from diffnotes.editing.common import (encode_prompts, pipe_alphas_cumprod,  # noqa: E402
-                                      pipe_eps_model, pipe_timesteps)
+from diffnotes.editing.common import encode_prompts  # noqa: E402
 from diffnotes.editing.p2p import (LocalBlend, Refine, Reweight, WordSwap,  # noqa: E402
                                    mapper_matrix, prompt_to_prompt, refine_mapper,
                                    token_alignment)
+
+from pipeline_helpers import noise_latents, plain_sample  # noqa: E402
 
 STEPS = 3
 SRC, TGT, LONG = "a red circle", "a blue circle", "a large red circle"
 
 
-def _xT(pipe, seed=0):
-    u = pipe.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((1, u.in_channels, u.sample_size, u.sample_size), generator=g,
-                       dtype=torch.float64)
+_xT = noise_latents
 
 
 def _plain(pipe, prompt, xT, steps=STEPS, gs=7.5):
-    eps = pipe_eps_model(pipe, encode_prompts(pipe, prompt), encode_prompts(pipe, ""), gs)
-    return ddim_sample(eps, xT, pipe_timesteps(pipe, steps), pipe_alphas_cumprod(pipe))[0]
+    return plain_sample(pipe, prompt, xT, steps, gs)[0]
 
 
 def _p2p(pipe, prompts, edit, xT, **kw):

@@ -26,6 +26,8 @@ from diffnotes.editing.spatext import (SpaTextConvIn, SpaTextModel, choose_segme
                                        object_phrase, paint, phrase_embeddings, spatext,
                                        spatext_eps_model, spatio_textual_map)
 
+from pipeline_helpers import noise_latents  # noqa: E402
+
 STEPS = 2
 
 
@@ -44,11 +46,7 @@ def _masks(pipe):
     return a, b
 
 
-def _xT(pipe, seed=0):
-    u = pipe.unet.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((1, u.in_channels, u.sample_size, u.sample_size), generator=g,
-                       dtype=torch.float64)
+_xT = noise_latents
 
 
 # ---------------------------------------------------------------------------- exact no-ops
