@@ -55,7 +55,8 @@ from ..attention import (AttentionController, AttentionStore, BatchLayout, atten
                          layer_resolutions)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
-from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
+from .common import (encode_prompts, fraction_steps, pipe_alphas_cumprod, pipe_eps_model,
+                     pipe_timesteps)
 from .inversion import _as_latents, decode_latents, ddim_invert_image
 
 __all__ = ["adain", "attention_contrast", "swap_guidance", "swap_guidance_weights",
@@ -186,10 +187,6 @@ def _window(v, name: str) -> tuple[float, float]:
     if a > b:
         raise ValueError(f"{name} must have start <= end, got {v!r}")
     return a, b
-
-
-def _n(frac: float, n: int) -> int:
-    return int(math.floor(frac * n + 1e-9))
 
 
 def _latent_side(pipe) -> int:
@@ -331,8 +328,20 @@ def _rule_windows(pipe, layer_idx, N, steps, low_res_steps) -> dict:
     for i in layer_idx:
         side = sides[i]
         w = steps if side >= L else low_res_steps
-        out[side] = (_n(w[0], N), _n(w[1], N))
+        out[side] = (fraction_steps(w[0], N), fraction_steps(w[1], N))
     return out
+
+
+def _windows_and_masks(pipe, N, zs0, za0, steps, low_res_steps, adain_steps, min_res_fraction,
+                       layers, structure_mask, appearance_mask):
+    """What both appearance methods derive from their shared arguments: the edited layers, their
+    step windows, the AdaIN window, and the two masks at the latent grid."""
+    sw, lw, aw = (_window(steps, "steps"), _window(low_res_steps, "low_res_steps"),
+                  _window(adain_steps, "adain_steps"))
+    layer_idx = selected_layers(pipe.unet, _latent_side(pipe), min_res_fraction, layers)
+    windows = _rule_windows(pipe, layer_idx, N, sw, lw)
+    return (layer_idx, windows, aw, _latent_mask(structure_mask, zs0, "structure_mask"),
+            _latent_mask(appearance_mask, za0, "appearance_mask"))
 
 
 def cross_image_attention(pipe, structure, appearance, *, structure_prompt: str = "",
@@ -386,12 +395,9 @@ def cross_image_attention(pipe, structure, appearance, *, structure_prompt: str 
     w0 = check_range(swap_guidance_scale, "swap_guidance_scale", 0, None)
     if queries not in ("output", "structure"):
         raise ValueError(f"queries must be 'output' or 'structure', got {queries!r}")
-    sw, lw, aw = (_window(steps, "steps"), _window(low_res_steps, "low_res_steps"),
-                  _window(adain_steps, "adain_steps"))
-    layer_idx = selected_layers(pipe.unet, _latent_side(pipe), min_res_fraction, layers)
-    windows = _rule_windows(pipe, layer_idx, N, sw, lw)
-    smask = _latent_mask(structure_mask, zs0, "structure_mask")
-    amask = _latent_mask(appearance_mask, za0, "appearance_mask")
+    layer_idx, windows, aw, smask, amask = _windows_and_masks(
+        pipe, N, zs0, za0, steps, low_res_steps, adain_steps, min_res_fraction, layers,
+        structure_mask, appearance_mask)
 
     zT_s = _invert(pipe, zs0, structure_prompt, N)
     zT_a = zT_s if (appearance is structure and appearance_prompt == structure_prompt) else \
@@ -410,7 +416,7 @@ def cross_image_attention(pipe, structure, appearance, *, structure_prompt: str 
     weights = swap_guidance_weights(w0, N) if use_swap_rows else None
     swap_lo = min((a for a, b in windows.values() if b > a), default=N)
     swap_hi = max((b for a, b in windows.values() if b > a), default=0)
-    a0, a1 = _n(aw[0], N), _n(aw[1], N)
+    a0, a1 = fraction_steps(aw[0], N), fraction_steps(aw[1], N)
 
     layout = BatchLayout(n_rows, use_cfg)
     ctrl = CrossImageController(layout, layer_idx, windows, beta, queries,
@@ -622,12 +628,9 @@ def eye_for_an_eye(pipe, structure, appearance, *, structure_prompt: str = "",
         guidance_scale, output_type)
     if inject not in ("qkv", "kv"):
         raise ValueError(f"inject must be 'qkv' or 'kv', got {inject!r}")
-    sw, lw, aw = (_window(steps, "steps"), _window(low_res_steps, "low_res_steps"),
-                  _window(adain_steps, "adain_steps"))
-    layer_idx = selected_layers(pipe.unet, _latent_side(pipe), min_res_fraction, layers)
-    windows = _rule_windows(pipe, layer_idx, N, sw, lw)
-    smask = _latent_mask(structure_mask, zs0, "structure_mask")
-    amask = _latent_mask(appearance_mask, za0, "appearance_mask")
+    layer_idx, windows, aw, smask, amask = _windows_and_masks(
+        pipe, N, zs0, za0, steps, low_res_steps, adain_steps, min_res_fraction, layers,
+        structure_mask, appearance_mask)
     # images for the features (decode latents given as input)
     ims = [_to_image(pipe, im, z) for im, z in ((structure, zs0), (appearance, za0))]
     sides = sorted(windows)
@@ -648,7 +651,7 @@ def eye_for_an_eye(pipe, structure, appearance, *, structure_prompt: str = "",
     eps_model = pipe_eps_model(pipe, cond, null, gs if use_cfg else 1.0)
     ts = pipe_timesteps(pipe, N)
     acl = pipe_alphas_cumprod(pipe).tolist()
-    a0, a1 = _n(aw[0], N), _n(aw[1], N)
+    a0, a1 = fraction_steps(aw[0], N), fraction_steps(aw[1], N)
     layout = BatchLayout(3, use_cfg)
     ctrl = EyeForAnEyeController(layout, layer_idx, windows, corr, masks, inject,
                                  min_side=min(windows) if windows else 10**9)

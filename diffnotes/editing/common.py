@@ -8,6 +8,7 @@ samplers of :mod:`diffnotes.ddim` drive Stable Diffusion exactly as they drive t
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -17,8 +18,15 @@ from ..ddpm import predict_x0
 from ..guidance import guided_eps_model
 from ..utils import batch_timesteps, check_int, check_tensor
 
-__all__ = ["encode_prompts", "unet_model", "pipe_eps_model", "pipe_timesteps",
+__all__ = ["fraction_steps", "encode_prompts", "unet_model", "pipe_eps_model", "pipe_timesteps",
            "pipe_alphas_cumprod", "blend_known", "masked_ddim_sample", "edit_outputs"]
+
+
+def fraction_steps(frac: float, num_steps: int) -> int:
+    """The number of steps a fraction of the schedule covers, ⌊frac · N⌋, robust to rounding
+    (0.7 · 10 = 7.000000000000001 gives 7): how every editing method turns "the first 80% of the
+    steps" into a step count."""
+    return int(math.floor(frac * num_steps + 1e-9))
 
 
 def encode_prompts(pipe, prompts: str | Sequence[str]) -> torch.Tensor:

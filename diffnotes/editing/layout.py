@@ -56,7 +56,8 @@ from ..attention import (AttentionCollector, AttentionController, AttentionStore
                          attention_layers, layer_resolutions, word_token_indices)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
-from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
+from .common import (encode_prompts, fraction_steps, pipe_alphas_cumprod, pipe_eps_model,
+                     pipe_timesteps)
 
 __all__ = ["LayoutObject", "Layout", "make_layout", "parse_layout", "layout_prompt",
            "format_layout", "box_to_grid", "box_masks", "canvas_split_boxes", "token_energy",
@@ -433,10 +434,6 @@ def _check_output_type(output_type):
     return output_type
 
 
-def _n_steps(frac: float, num_steps: int) -> int:
-    return int(math.floor(frac * num_steps + 1e-9))
-
-
 def _phrase_tokens(prompt: str, phrase: str, tokenizer, name: str, occurrence: int = 0
                    ) -> list[int]:
     """Token positions of ``phrase`` (its ``occurrence``-th match) in ``prompt`` without its
@@ -637,8 +634,8 @@ def lmd(pipe, layout: Layout, *, num_inference_steps: int = 20, guidance_scale: 
     hw = (x_T.shape[-2], x_T.shape[-1])
     ts = pipe_timesteps(pipe, N)
     acl = pipe_alphas_cumprod(pipe).tolist()
-    n_guide = _n_steps(g_frac, N) if guidance and eta > 0 else 0
-    n_comp = _n_steps(r, N)
+    n_guide = fraction_steps(g_frac, N) if guidance and eta > 0 else 0
+    n_comp = fraction_steps(r, N)
     layers = lmd_guidance_layers(unet, hw)
     use_cfg = gs != 1.0
     null = encode_prompts(pipe, layout.negative) if use_cfg else None
@@ -932,7 +929,7 @@ def dense_diffusion(pipe, prompt: str, segments, *, lam: float = 1.0, lam_self: 
     layout = BatchLayout(1, use_cfg)
     ctrl = DenseController(masks, token_segment, layout, w_c, w_s, sreg)
     eps_model = pipe_eps_model(pipe, cond, null, gs if use_cfg else 1.0)
-    n_win = _n_steps(win, N)
+    n_win = fraction_steps(win, N)
     if w_c == 0 and w_s == 0:                       # λ_t ≡ 0: nothing to attach
         store = contextlib.nullcontext()
     else:

@@ -39,7 +39,6 @@ layer for :class:`LocalBlend`, and the returned store keeps running sums (see
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -49,7 +48,8 @@ from ..attention import (AttentionController, AttentionStore, AttnCall, BatchLay
                          attention_resolutions, tokenize_prompt, upsample, word_token_indices)
 from ..ddim import ddim_step
 from ..utils import batch_timesteps, check_int, check_range, check_tensor
-from .common import encode_prompts, pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps
+from .common import (encode_prompts, fraction_steps, pipe_alphas_cumprod, pipe_eps_model,
+                     pipe_timesteps)
 
 __all__ = ["prompt_to_prompt", "WordSwap", "Refine", "Reweight", "LocalBlend", "P2PController",
            "token_alignment", "refine_mapper", "mapper_matrix", "cross_replace_schedule"]
@@ -153,11 +153,6 @@ def _check_window(v, name: str) -> tuple[float, float]:
     return 0.0, check_range(v, name, 0, 1)
 
 
-def _n_steps(frac: float, num_steps: int) -> int:
-    """⌊frac · N⌋, robust to rounding (0.7 · 10 = 7.000000000000001)."""
-    return int(math.floor(frac * num_steps + 1e-9))
-
-
 def cross_replace_schedule(prompts: Sequence[str], tokenizer, num_steps: int,
                            cross_replace_steps=0.8, word_steps: dict | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,8 +173,8 @@ def cross_replace_schedule(prompts: Sequence[str], tokenizer, num_steps: int,
     a, b = _check_window(default, "cross_replace_steps")
     L = tokenize_prompt(prompts[0], tokenizer)["input_ids"].shape[1]
     n = len(prompts) - 1
-    start = torch.full((n, L), _n_steps(a, num_steps), dtype=torch.long)
-    end = torch.full((n, L), _n_steps(b, num_steps), dtype=torch.long)
+    start = torch.full((n, L), fraction_steps(a, num_steps), dtype=torch.long)
+    end = torch.full((n, L), fraction_steps(b, num_steps), dtype=torch.long)
     for word, v in per_word.items():
         wa, wb = _check_window(v, f"cross_replace_steps[{word!r}]")
         found = False
@@ -189,7 +184,7 @@ def cross_replace_schedule(prompts: Sequence[str], tokenizer, num_steps: int,
             except ValueError:
                 continue
             found = True
-            start[k, idx], end[k, idx] = _n_steps(wa, num_steps), _n_steps(wb, num_steps)
+            start[k, idx], end[k, idx] = fraction_steps(wa, num_steps), fraction_steps(wb, num_steps)
         if not found:
             raise ValueError(f"cross_replace_steps: word {word!r} is in none of the edited "
                              f"prompts {list(prompts[1:])}")
@@ -527,7 +522,7 @@ def prompt_to_prompt(pipe, prompts: Sequence[str], edit, *, num_inference_steps:
     else:
         check_int(self_replace_max_res, "self_replace_max_res", min=0)
     layout = BatchLayout(n, use_cfg)
-    ctrl = P2PController(edit, layout, start, end, (_n_steps(s0, N), _n_steps(s1, N)),
+    ctrl = P2PController(edit, layout, start, end, (fraction_steps(s0, N), fraction_steps(s1, N)),
                          self_replace_max_res, local_blend)
     store = AttentionStore(kinds=("cross",), rows="cond" if use_cfg else "all",
                            controller=ctrl, layout=layout)

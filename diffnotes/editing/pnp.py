@@ -37,8 +37,8 @@ from __future__ import annotations
 from ..attention import (AttentionController, BatchLayout, attention_layers, layer_resolutions,
                          tokenize_prompt)
 from ..utils import check_int, check_range, check_tensor
+from .common import fraction_steps
 from .masactrl import _check_output_type, _check_prompt, _finish, _pair_sample
-from .p2p import _n_steps
 
 __all__ = ["plug_and_play", "PnPController", "decoder_resnets", "default_feature_layer",
            "default_attention_layer", "injection_steps"]
@@ -65,7 +65,7 @@ def default_attention_layer(count: int) -> int:
 def injection_steps(fraction, num_steps: int, name: str) -> int:
     """⌊fraction · N⌋ (the first steps injected), for a fraction in [0, 1] (official
     ``int(n_timesteps * pnp_f_t)``)."""
-    return _n_steps(check_range(fraction, name, 0, 1), num_steps)
+    return fraction_steps(check_range(fraction, name, 0, 1), num_steps)
 
 
 class PnPController(AttentionController):
