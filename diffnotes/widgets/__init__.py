@@ -16,7 +16,15 @@ one module each, and are importable from here (loaded on first use):
 - :func:`dae_sigma_explorer`, :func:`beta_vae_explorer` (``representation.py``): σ of the
   denoising autoencoder, β of the β-VAE;
 - :func:`bayes_explorer` (``elbo_align.py``): priors and likelihoods of the three misalignment
-  cases of ELBO-T2IAlign.
+  cases of ELBO-T2IAlign;
+- :func:`dps_explorer` (``restoration.py``): DPS's step size ζ;
+- :func:`noise_level_explorer` (``restoration_linear.py``): the measurement noise σ_y against
+  each closed-form solver's PSNR;
+- :func:`ccdf_explorer` (``restoration_conditional.py``): CCDF's starting time t₀;
+- :func:`correspondence_explorer` (``correspondence.py``): the time step and layer of the
+  features used for correspondence;
+- :func:`diffseg_explorer` (``diffseg.py``): DiffSeg's KL merging threshold;
+- :func:`sag_explorer` (``sag.py``): the scale and blur of self-attention guidance.
 """
 import importlib
 
@@ -27,7 +35,10 @@ _NAMED = {"ddim_explorer": "ddim", "guidance_explorer": "guidance",
           "sdedit_explorer": "sdedit", "p2p_explorer": "p2p", "masactrl_explorer": "masactrl",
           "layout_explorer": "layout", "ae_explorer": "binding",
           "appearance_explorer": "appearance", "dae_sigma_explorer": "representation",
-          "beta_vae_explorer": "representation", "bayes_explorer": "elbo_align"}
+          "beta_vae_explorer": "representation", "bayes_explorer": "elbo_align",
+          "dps_explorer": "restoration", "noise_level_explorer": "restoration_linear",
+          "ccdf_explorer": "restoration_conditional", "correspondence_explorer": "correspondence",
+          "diffseg_explorer": "diffseg", "sag_explorer": "sag"}
 
 __all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes", *_NAMED]
 
