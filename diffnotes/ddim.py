@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .ddpm import _check_alphas_cumprod, predict_x0
-from .utils import batch_timesteps, check_decreasing, check_finite, check_same_shape, check_tensor
+from .utils import (batch_timesteps, check_decreasing, check_finite, check_positive,
+                    check_same_shape, check_tensor)
 
 __all__ = ["ddim_sigma", "ddim_step", "ddim_sample", "ddim_invert", "ode_coords",
            "from_ode_coords", "ode_sample"]
@@ -43,19 +44,27 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float):
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t, alpha_bar_prev,
-              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+              eta: float = 0.0, noise: torch.Tensor | None = None, clip_sample: bool = False,
+              clip_sample_range: float = 1.0) -> torch.Tensor:
     """One generalized step x_t → x_prev (Ahmad's notes, eq 1.21; DDIM eq 12):
 
     x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ_t²) · ε + σ_t · noise,  x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t.
 
-    With η = 0 it is eq 1.22. ``noise`` is required when σ_t > 0.
+    With η = 0 it is eq 1.22. ``noise`` is required when σ_t > 0. ``clip_sample=True`` clips
+    x̂_0 to [−r, r] (r = ``clip_sample_range``) and keeps ε in the "direction to x_t", as
+    diffusers' ``DDIMScheduler(clip_sample=True)`` does (its ``use_clipped_model_output=False``).
     """
     check_tensor(x_t, "x_t")
     check_tensor(eps, "eps")
     check_same_shape(x_t, eps, "x_t", "eps")
     a, ap = _alpha(alpha_bar_t, "alpha_bar_t"), _alpha(alpha_bar_prev, "alpha_bar_prev")
+    if not isinstance(clip_sample, bool):
+        raise TypeError(f"clip_sample must be a bool, got {type(clip_sample).__name__}")
+    r = check_positive(clip_sample_range, "clip_sample_range")
     sigma = ddim_sigma(a, ap, eta)
     x0 = predict_x0(x_t, eps, a)                                # "predicted x_0", eq 1.21
+    if clip_sample:
+        x0 = x0.clamp(-r, r)
     x_prev = ap ** 0.5 * x0 + max(1 - ap - sigma ** 2, 0.0) ** 0.5 * eps  # + "direction to x_t"
     if sigma > 0:
         if noise is None:
@@ -68,7 +77,8 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t, alpha_bar_prev,
 def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int],
                 alphas_cumprod: torch.Tensor, eta: float = 0.0,
                 generator: torch.Generator | None = None, progress: bool = False,
-                return_trajectory: bool = False, callback: Callable[[dict], None] | None = None):
+                return_trajectory: bool = False, callback: Callable[[dict], None] | None = None,
+                clip_sample: bool = False, clip_sample_range: float = 1.0):
     """DDIM sampling along ``timesteps`` (decreasing), ending at ᾱ = 1 (Ahmad's notes, eq 1.21; DDIM eq 12).
 
     Noise for η > 0 is drawn from ``generator`` as diffusers' ``DDIMScheduler.step`` draws it.
@@ -77,6 +87,8 @@ def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int]
     ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, its time step t (an int), the
     current x_t, the predicted x̂_0 (eq 1.6) and ε_θ(x_t, t), as in k-diffusion's samplers; it
     only looks (the result is the same with and without it).
+    ``clip_sample``/``clip_sample_range``: see :func:`ddim_step` (the callback's ``x0_hat`` is
+    then the clipped one).
     Returns x_0, or ``(x_0, [x_T, …, x_0])`` with ``return_trajectory=True``.
     """
     check_tensor(x_T, "x_T")
@@ -92,13 +104,17 @@ def ddim_sample(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int]
         with torch.no_grad():
             eps = eps_model(x, batch_timesteps(t, x))
         if callback is not None:
-            callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, acl[t]), eps=eps))
+            x0_hat = predict_x0(x, eps, acl[t])
+            if clip_sample:
+                x0_hat = x0_hat.clamp(-clip_sample_range, clip_sample_range)
+            callback(dict(i=i, t=t, x=x, x0_hat=x0_hat, eps=eps))
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
                                 device=generator.device if generator is not None else x.device)
             noise = noise.to(x.device)
-        x = ddim_step(x, eps, acl[t], a_prev, eta, noise)
+        x = ddim_step(x, eps, acl[t], a_prev, eta, noise, clip_sample=clip_sample,
+                      clip_sample_range=clip_sample_range)
         if return_trajectory:
             traj.append(x)
     return (x, traj) if return_trajectory else x

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedules import alphas_cumprod as _cumprod
-from .utils import batch_timesteps, check_same_shape, check_tensor, check_timestep, gather
+from .utils import (batch_timesteps, check_positive, check_same_shape, check_tensor,
+                    check_timestep, gather)
 
 __all__ = ["q_sample", "predict_x0", "posterior_mean_variance", "ddpm_loss", "ddpm_step",
            "ddpm_sample"]
@@ -100,7 +101,8 @@ def ddpm_loss(eps_model: EpsModel, x0: torch.Tensor, alphas_cumprod: torch.Tenso
 
 def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tensor,
               generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-              variance: str = "small", eps: torch.Tensor | None = None) -> torch.Tensor:
+              variance: str = "small", eps: torch.Tensor | None = None,
+              clip_sample: bool = False, clip_sample_range: float = 1.0) -> torch.Tensor:
     """One ancestral step x_t → x_{t−1} (Ahmad's notes, Algorithm 2, with ᾱ where the notes print α;
     Ho et al. 2020, Algorithm 2 and eq 11):
 
@@ -110,9 +112,18 @@ def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tenso
     The noise is ``noise`` if given, else drawn from ``generator`` exactly as diffusers'
     ``DDPMScheduler.step`` draws it, so the two agree step for step. ``eps_model`` receives ``t``
     as a (B,) long tensor; ``eps``, if given, is its output already computed (not called again).
+
+    ``clip_sample=True`` clips the predicted x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t (eq 1.6) to
+    [−r, r], r = ``clip_sample_range``, and takes the mean of the true posterior at it,
+    μ̃ = √ᾱ_{t−1} β_t/(1−ᾱ_t) · x̂_0 + √α_t (1−ᾱ_{t−1})/(1−ᾱ_t) · x_t (Ho et al. 2020, eq 7),
+    as DDPM's original code and diffusers' ``DDPMScheduler(clip_sample=True)`` do. Without
+    clipping that mean equals Algorithm 2's; off (the default) computes exactly what it did before.
     """
     check_tensor(x_t, "x_t")
     betas = _check_betas(betas)
+    if not isinstance(clip_sample, bool):
+        raise TypeError(f"clip_sample must be a bool, got {type(clip_sample).__name__}")
+    r = check_positive(clip_sample_range, "clip_sample_range")
     t = check_timestep(t, len(betas))
     if isinstance(t, torch.Tensor):
         t = int(t)
@@ -124,7 +135,12 @@ def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tenso
     if eps is None:
         eps = eps_model(x_t, batch_timesteps(t, x_t))
     check_same_shape(x_t, eps, "x_t", "eps_model(x_t, t)")
-    mean = (x_t - b / (1 - a) ** 0.5 * eps) / (1 - b) ** 0.5  # Algorithm 2, line 4
+    if clip_sample:
+        x0 = predict_x0(x_t, eps, a).clamp(-r, r)                         # eq 1.6, clipped
+        mean = (a_prev ** 0.5 * b / (1 - a)) * x0 \
+            + ((1 - b) ** 0.5 * (1 - a_prev) / (1 - a)) * x_t             # Ho et al. eq 7
+    else:
+        mean = (x_t - b / (1 - a) ** 0.5 * eps) / (1 - b) ** 0.5  # Algorithm 2, line 4
     if t == 0:
         return mean
     var = (1 - a_prev) / (1 - a) * b if variance == "small" else b
@@ -139,7 +155,8 @@ def ddpm_step(eps_model: EpsModel, x_t: torch.Tensor, t: int, betas: torch.Tenso
 def ddpm_sample(eps_model: EpsModel, x_T: torch.Tensor, betas: torch.Tensor,
                 generator: torch.Generator | None = None, variance: str = "small",
                 progress: bool = True, return_trajectory: bool = False,
-                callback: Callable[[dict], None] | None = None):
+                callback: Callable[[dict], None] | None = None, clip_sample: bool = False,
+                clip_sample_range: float = 1.0):
     """Ancestral sampling through all T steps, t = T−1 … 0 (Ahmad's notes, Algorithm 2; Ho et al. 2020, Algorithm 2).
 
     ``eps_model(x, t)`` is any callable; it receives ``t`` as a (B,) long tensor (one index per
@@ -147,6 +164,8 @@ def ddpm_sample(eps_model: EpsModel, x_T: torch.Tensor, betas: torch.Tensor,
     ``dict(i=, t=, x=, x0_hat=, eps=)``: the step's index i, its time step t (an int), the
     current x_t, the predicted x̂_0 (eq 1.6) and ε_θ(x_t, t), as in k-diffusion's samplers; it
     only looks (the samples are the same with and without it).
+    ``clip_sample``/``clip_sample_range``: see :func:`ddpm_step` (the callback's ``x0_hat`` is
+    then the clipped one).
     Returns x_0, or ``(x_0, [x_T, …, x_0])`` with ``return_trajectory=True``.
     """
     betas = _check_betas(betas)
@@ -158,8 +177,12 @@ def ddpm_sample(eps_model: EpsModel, x_T: torch.Tensor, betas: torch.Tensor,
         with torch.no_grad():
             eps = eps_model(x, batch_timesteps(t, x))
             if callback is not None:
-                callback(dict(i=i, t=t, x=x, x0_hat=predict_x0(x, eps, ac[t].item()), eps=eps))
-            x = ddpm_step(eps_model, x, t, betas, generator=generator, variance=variance, eps=eps)
+                x0_hat = predict_x0(x, eps, ac[t].item())
+                if clip_sample:
+                    x0_hat = x0_hat.clamp(-clip_sample_range, clip_sample_range)
+                callback(dict(i=i, t=t, x=x, x0_hat=x0_hat, eps=eps))
+            x = ddpm_step(eps_model, x, t, betas, generator=generator, variance=variance, eps=eps,
+                          clip_sample=clip_sample, clip_sample_range=clip_sample_range)
         if return_trajectory:
             traj.append(x)
     return (x, traj) if return_trajectory else x

@@ -511,3 +511,251 @@ def mixture_guided_eps(gmm, y: int, scale) -> Callable:
         sig = (1 - a).sqrt()
         return cfg(-sig * s_u, -sig * s_c, scale).to(x.dtype)    # ε = −√(1−ᾱ) ∇ log p
     return eps_model
+
+
+# ----------------------------------------------------------------------------- self-attention guidance
+__all__ += ["gaussian_blur_2d", "sag_mask", "sag_degrade", "sag_combine", "sag_layer",
+            "self_attention_guidance", "sag_sample"]
+
+
+def gaussian_blur_2d(x: torch.Tensor, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with a normalised ``kernel_size`` kernel of
+    standard deviation ``sigma`` (pixels), reflect padding: the blur of self-attention guidance
+    (Hong et al. 2023; diffusers' ``StableDiffusionSAGPipeline`` uses kernel 9, σ = 1). The kernel
+    is computed in x's dtype; it sums to 1, so constant images are unchanged."""
+    check_tensor(x, "x", ndim=4)
+    kernel_size = check_int(kernel_size, "kernel_size", min=1)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    sigma = check_finite(sigma, "sigma")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    half = (kernel_size - 1) * 0.5
+    pos = torch.linspace(-half, half, kernel_size, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (pos / sigma) ** 2)
+    k = k / k.sum()
+    k2 = (k[:, None] * k[None, :]).expand(x.shape[1], 1, kernel_size, kernel_size)
+    p = kernel_size // 2
+    return torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, [p, p, p, p], mode="reflect"), k2, groups=x.shape[1])
+
+
+def _map_grid(n: int, latent_hw) -> tuple[int, int]:
+    """The (h, w) grid of n attention tokens over a latent of size ``latent_hw`` (the latent
+    side divided by a power of two, rounded up as the UNet's stride-2 convolutions round)."""
+    H, W = latent_hw
+    for k in range(12):
+        h, w = math.ceil(H / 2 ** k), math.ceil(W / 2 ** k)
+        if h * w == n:
+            return h, w
+    raise ValueError(f"attention with {n} tokens does not tile the latent {H}×{W}")
+
+
+def sag_mask(attn: torch.Tensor, latent_hw, threshold: float = 1.0) -> torch.Tensor:
+    """The blur mask of self-attention guidance (Ahmad's notes, eqs 5.56–5.57; Hong et al. 2023).
+
+    ``attn``: self-attention probabilities, (B, N, N) averaged over heads or (B, heads, N, N);
+    row i = query token i. A_t = GAP(A^S): mean over heads, then the *column* sum over queries
+    (how much attention key token j receives); M = 1(A_t > ψ) with ψ = ``threshold`` = 1, the
+    mean column sum (each softmax row sums to 1). The (h, w) map is reshaped from the N tokens
+    and upsampled (nearest) to ``latent_hw``. Returns a float (B, 1, H, W) mask of 0/1.
+    """
+    check_tensor(attn, "attn", ndim=(3, 4))
+    if attn.ndim == 4:
+        attn = attn.mean(1)                                   # GAP over heads (5.56)
+    B, nq, nk = attn.shape
+    if nq != nk:
+        raise ValueError(f"attn must be self-attention (B, N, N), got {tuple(attn.shape)}")
+    threshold = check_finite(threshold, "threshold")
+    h, w = _map_grid(nk, latent_hw)
+    m = (attn.sum(1) > threshold).to(attn.dtype)              # M = 1(A_t > ψ)  (5.57)
+    m = m.reshape(B, 1, h, w)
+    return torch.nn.functional.interpolate(m, size=tuple(latent_hw))   # Upsample (5.56)
+
+
+def sag_degrade(x0_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, alpha_bar_t,
+                kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """The degraded input x̂_t of self-attention guidance (Ahmad's notes, eq 5.58, corrected):
+    blur the predicted x̂_0 where the mask is 1, keep it elsewhere, re-noise to level t with the
+    model's own ε:  x̄_0 = (1 − M) ⊙ x̂_0 + M ⊙ G_σ(x̂_0),  x̂_t = √ᾱ_t x̄_0 + √(1−ᾱ_t) ε
+    (Hong et al. 2023; blurring x̂_0 rather than the noisy x_t, as the authors' and diffusers'
+    code do). With M = 0, x̂_t = √ᾱ_t x̂_0 + √(1−ᾱ_t) ε = x_t up to rounding."""
+    _check_eps_pair(x0_hat, eps, "x0_hat", "eps")
+    check_tensor(mask, "mask")
+    a = alpha_bar_t
+    if isinstance(a, torch.Tensor) and a.ndim > 0:
+        a = a.to(x0_hat.dtype).reshape(-1, *([1] * (x0_hat.ndim - 1)))
+        sa, s1a = a.sqrt(), (1 - a).sqrt()
+    else:
+        a = check_range(float(a), "alpha_bar_t", 0, 1, lo_open=True)
+        sa, s1a = math.sqrt(a), math.sqrt(1 - a)
+    blurred = gaussian_blur_2d(x0_hat, kernel_size, sigma)
+    mixed = blurred * mask + x0_hat * (1 - mask)                       # eq 5.58
+    return sa * mixed + s1a * eps                                      # re-noised to level t
+
+
+def sag_combine(eps: torch.Tensor, eps_ref: torch.Tensor, eps_degraded: torch.Tensor,
+                scale) -> torch.Tensor:
+    """ε̃ = ε + s (ε_ref − ε_θ(x̂_t)) (Ahmad's notes, eq 5.55, corrected; Hong et al. 2023, eq 16):
+    with ``eps = eps_ref`` it is ε_θ(x̂_t) + (1 + s)(ε_θ(x_t) − ε_θ(x̂_t)). The notes print a
+    leading ε_θ(x_t), which at s = 0 would give 2ε − ε_θ(x̂_t) instead of ε (see the errata).
+    ``eps`` is the prediction the sampler uses (after CFG: ``cfg(ε_u, ε_c, w)``), ``eps_ref`` the
+    one whose self-attention made the mask (ε_u with CFG, Hong et al. eq 25)."""
+    _check_eps_pair(eps, eps_ref, "eps", "eps_ref")
+    _check_eps_pair(eps, eps_degraded, "eps", "eps_degraded")
+    s = _check_scale(scale, "scale", eps)
+    return eps + s * (eps_ref - eps_degraded)                          # eq 5.55 (corrected)
+
+
+def sag_layer(unet) -> str:
+    """The self-attention layer whose map self-attention guidance reads: the first mid-block
+    one, i.e. entry ``n_down`` of :func:`diffnotes.attention.attention_layers` ``(unet, "self")``
+    where ``n_down`` is the number of down-block self-attention layers (Stable Diffusion 1.5:
+    entry 6 of 16, the 8×8 map; the shapes UNet: entry 2 of 7). Raises ``ValueError`` for a
+    UNet without a mid-block self-attention."""
+    from .attention import attention_layers
+    names = attention_layers(unet, "self")
+    mids = [n for n in names if n.startswith("mid_block")]
+    if not mids:
+        raise ValueError(f"unet has no mid-block self-attention layer (self-attention layers: "
+                         f"{names})")
+    return mids[0]
+
+
+def self_attention_guidance(eps_model: Callable, attention: Callable, alphas_cumprod: torch.Tensor,
+                            scale=0.75, *, ref_model: Callable | None = None,
+                            sigma: float = 1.0, kernel_size: int = 9, threshold: float = 1.0,
+                            callback: Callable | None = None) -> Callable:
+    """Self-attention guidance (SAG) as an ``eps_model(x, t)`` wrapper (Hong et al., ICCV 2023;
+    Ahmad's notes, eqs 5.55–5.58, corrected).
+
+    Each call: (1) ``eps_model(x, t)`` returns ε (the prediction to guide) or a pair
+    ``(ε, ε_ref)`` — with classifier-free guidance ε = ``cfg(ε_u, ε_c, w)`` and ε_ref = ε_u;
+    without, ε_ref = ε; (2) ``attention()`` returns the self-attention probabilities (B, N, N)
+    (or (B, heads, N, N)) of the rows that computed ε_ref in that call (e.g. from an
+    :class:`diffnotes.attention.AttentionCollector` on :func:`sag_layer`); (3) the mask
+    :func:`sag_mask`, x̂_0 from ε_ref, the degraded x̂_t :func:`sag_degrade`; (4) ``ref_model``
+    (default: ``eps_model``'s ε_ref) on x̂_t; (5) :func:`sag_combine`.
+
+    ``scale`` is the SAG scale s (diffusers' ``sag_scale``, paper default 0.75; 0 = the unguided
+    sampler, bitwise), ``sigma`` and ``kernel_size`` the blur (paper: 1 and 9), ``threshold`` ψ.
+    ``callback(dict(t=, x=, x0_hat=, mask=, x_degraded=, eps=, eps_ref=, eps_degraded=))``
+    sees each step. Costs one extra model pass (of the reference rows) per step.
+    """
+    check_callable(eps_model, "eps_model", "eps_model(x, t)")
+    check_callable(attention, "attention", "attention()")
+    check_tensor(alphas_cumprod, "alphas_cumprod", ndim=1)
+    _check_finite_scale(scale, "scale")
+    gaussian_blur_2d(torch.zeros(1, 1, kernel_size, kernel_size), kernel_size, sigma)  # checks
+    threshold = check_finite(threshold, "threshold")
+
+    def _split(out):
+        return out if isinstance(out, tuple) else (out, out)
+
+    def guided(x, t):
+        t = batch_timesteps(t, x)
+        eps, eps_ref = _split(eps_model(x, t))
+        attn = attention()
+        if attn.shape[0] != x.shape[0]:
+            raise ValueError(f"attention() must return one map per row of x ({x.shape[0]}), got "
+                             f"shape {tuple(attn.shape)}")
+        a = alphas_cumprod.to(device=x.device, dtype=x.dtype)[t].reshape(-1, *[1] * (x.ndim - 1))
+        x0 = (x - (1 - a).sqrt() * eps_ref) / a.sqrt()                # x̂_0 (eq 1.6)
+        mask = sag_mask(attn.to(x.dtype), x.shape[-2:], threshold)
+        x_deg = sag_degrade(x0, eps_ref, mask, alphas_cumprod.to(x.dtype)[t.cpu()],
+                            kernel_size, sigma)
+        eps_deg = (ref_model(x_deg, t) if ref_model is not None
+                   else _split(eps_model(x_deg, t))[1])
+        out = sag_combine(eps, eps_ref, eps_deg, scale)
+        if callback is not None:
+            callback(dict(t=int(t[0]), x=x, x0_hat=x0, mask=mask, x_degraded=x_deg, eps=eps,
+                          eps_ref=eps_ref, eps_degraded=eps_deg))
+        return out
+
+    return guided
+
+
+def sag_sample(pipe, prompt, *, sag_scale=0.75, guidance_scale: float = 7.5,
+               num_inference_steps: int = 50, sigma: float = 1.0, kernel_size: int = 9,
+               threshold: float = 1.0, latents: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, layer: str | None = None,
+               callback: Callable | None = None, progress: bool = False,
+               output_type: str = "np"):
+    """Text-to-image with self-attention guidance on a diffusers pipeline: DDIM
+    (:func:`diffnotes.ddim.ddim_sample`, η = 0) with classifier-free guidance
+    (:func:`cfg`, one batched pass of [null; prompt] rows) wrapped in
+    :func:`self_attention_guidance`, the self-attention map of the unconditional rows at
+    :func:`sag_layer` (or ``layer``) recorded by an :class:`diffnotes.attention.AttentionCollector`.
+    The degraded pass runs the unconditional rows only (Hong et al. 2023, eq 25). With
+    ``guidance_scale == 1`` there is no CFG: ε_ref = ε_c and the degraded pass uses the prompt.
+
+    ``prompt``: a string or a list (one image each); ``latents`` (B, C, h, w) initial noise
+    (default from ``generator``). ``output_type``: ``"latent"`` (x_0), ``"np"`` (B, H, W, 3) in
+    [0, 1] or ``"pt"``. ``callback`` as in :func:`self_attention_guidance`.
+    """
+    from .attention import AttentionCollector
+    from .ddim import ddim_sample
+    from .editing.common import encode_prompts, pipe_alphas_cumprod, pipe_timesteps
+
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"prompt must be a string or a list of strings, got "
+                        f"{type(prompt).__name__}")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r}")
+    if output_type not in ("latent", "np", "pt"):
+        raise ValueError(f"output_type must be 'latent', 'np' or 'pt', got {output_type!r}")
+    guidance_scale = check_finite(guidance_scale, "guidance_scale")
+    unet = pipe.unet
+    B = len(prompts)
+    u = unet.config
+    if latents is None:
+        latents = torch.randn((B, u.in_channels, u.sample_size, u.sample_size),
+                              generator=generator, dtype=unet.dtype,
+                              device=generator.device if generator is not None else "cpu")
+    check_tensor(latents, "latents", ndim=4)
+    if latents.shape[0] != B:
+        raise ValueError(f"latents must have one row per prompt ({B}), got {tuple(latents.shape)}")
+    x_T = latents.to(unet.device, unet.dtype)
+    cond = encode_prompts(pipe, prompts)
+    use_cfg = guidance_scale != 1.0
+    null = encode_prompts(pipe, "").expand(B, -1, -1) if use_cfg else None
+    name = layer or sag_layer(unet)
+    col = AttentionCollector(("self",), layers=[name])
+
+    def eps_model(x, t):
+        col.clear()
+        if not use_cfg:
+            return unet(x, t, encoder_hidden_states=cond).sample
+        out = unet(torch.cat([x, x]), torch.cat([t, t]),
+                   encoder_hidden_states=torch.cat([null, cond])).sample
+        e_u, e_c = out.chunk(2)
+        return cfg(e_u, e_c, guidance_scale), e_u
+
+    def ref_model(x, t):
+        col.clear()
+        return unet(x, t, encoder_hidden_states=null if use_cfg else cond).sample
+
+    def attention():
+        if not col.maps:
+            raise RuntimeError(f"layer {name!r} recorded no self-attention")
+        return col.maps[-1][:B]                       # the unconditional rows come first
+
+    guided = self_attention_guidance(eps_model, attention, pipe_alphas_cumprod(pipe),
+                                     sag_scale, ref_model=ref_model, sigma=sigma,
+                                     kernel_size=kernel_size, threshold=threshold,
+                                     callback=callback)
+    col.attach(unet)
+    try:
+        with torch.no_grad():
+            z = ddim_sample(guided, x_T, pipe_timesteps(pipe, num_inference_steps),
+                            pipe_alphas_cumprod(pipe), progress=progress)
+    finally:
+        col.detach()
+    if output_type == "latent":
+        return z
+    vae = pipe.vae
+    with torch.no_grad():
+        img = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+    img = (img / 2 + 0.5).clamp(0, 1)
+    return img if output_type == "pt" else img.permute(0, 2, 3, 1).float().cpu().numpy()

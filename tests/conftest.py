@@ -18,6 +18,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test, restored afterwards (tests that share an
+    xdist worker process keep float32). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
 def linear_schedule():
     """DDPM's linear schedule, T = 1000, float64: (betas, alphas_cumprod)."""
     b = make_betas("linear")

@@ -156,3 +156,71 @@ def test_head_and_cluster_probe():
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------ the official code's two extras
+def _loop_loss_extras(fa, fb, ca, cb, shift, add_mean, stabilize):
+    """The official ``helper`` (pointwise, zero_clamp) with direct loops."""
+    Fm, Sm = _loop_corr(fa, fb), _loop_corr(ca, cb)
+    B, H, W, I, J = Fm.shape
+    n = B * H * W * I * J
+    old_mean = float(Fm.sum()) / n
+    Fc = Fm.clone()
+    for b, h, w in itertools.product(range(B), range(H), range(W)):
+        Fc[b, h, w] = Fm[b, h, w] - float(Fm[b, h, w].sum()) / (I * J)
+    if add_mean:
+        Fc = Fc - float(Fc.sum()) / n + old_mean
+    total = 0.0
+    for b, h, w, i, j in itertools.product(range(B), range(H), range(W), range(I), range(J)):
+        S = max(float(Sm[b, h, w, i, j]), 0.0)
+        if stabilize:
+            S = min(S, 0.8)
+        total += (float(Fc[b, h, w, i, j]) - shift) * S
+    return -total / n
+
+
+@pytest.mark.parametrize("add_mean, stabilize", list(itertools.product([True, False], repeat=2)))
+def test_official_extras_match_loop(add_mean, stabilize):
+    fa, fb = _rand(2, 5, 3, 3, seed=3), _rand(2, 5, 2, 4, seed=4)
+    ca = 0.2 * _rand(2, 3, 3, 3, seed=5) + 1.0     # codes with cosines above 0.8 occur
+    cb = 0.2 * _rand(2, 3, 2, 4, seed=6) + 1.0
+    assert float((correspondence(ca, cb) > 0.8).double().mean()) > 0.3
+    got = stego_loss(fa, fb, ca, cb, 0.1, add_mean=add_mean, stabilize=stabilize)
+    want = _loop_loss_extras(fa, fb, ca, cb, 0.1, add_mean, stabilize)
+    assert abs(float(got) - want) < 1e-13
+
+
+def test_extras_off_is_bitwise_default_and_add_mean_is_a_shift():
+    fa, fb = _rand(2, 5, 3, 3, seed=7), _rand(2, 5, 3, 3, seed=8)
+    ca, cb = _rand(2, 3, 3, 3, seed=9), _rand(2, 3, 3, 3, seed=10)
+    base = stego_loss(fa, fb, ca, cb, 0.2)
+    assert torch.equal(base, stego_loss(fa, fb, ca, cb, 0.2, add_mean=False, stabilize=False))
+    # adding the batch mean of F back = lowering the shift by it
+    m = float(correspondence(fa, fb).mean())
+    assert float(stego_loss(fa, fb, ca, cb, 0.2, add_mean=True)) == pytest.approx(
+        float(stego_loss(fa, fb, ca, cb, 0.2 - m)), abs=1e-14)
+    # the upper clamp stops the gradient where S > 0.8: codes all within a small cone
+    near = 1.0 + 0.05 * _rand(2, 3, 3, 3, seed=12)
+    assert float(correspondence(near, near).min()) > 0.8
+    grads = []
+    for stab in (True, False):
+        c = near.clone().requires_grad_()
+        stego_loss(fa, fa, c, near, 0.0, stabilize=stab).backward()
+        grads.append(c.grad.abs().max().item())
+    assert grads[0] == 0.0 and grads[1] > 1e-6
+
+
+def test_train_stego_extras_off_is_bitwise_default():
+    from diffnotes.segmentation.stego import train_stego
+    feats = _rand(6, 4, 4, 4, seed=11).float()
+    h1, l1 = train_stego(feats, torch.Generator().manual_seed(0), dim=3, k=2, steps=3,
+                         batch_size=4, n_points=8, progress=False)
+    h2, l2 = train_stego(feats, torch.Generator().manual_seed(0), dim=3, k=2, steps=3,
+                         batch_size=4, n_points=8, progress=False, add_mean=False,
+                         stabilize=False)
+    h3, l3 = train_stego(feats, torch.Generator().manual_seed(0), dim=3, k=2, steps=3,
+                         batch_size=4, n_points=8, progress=False, add_mean=True,
+                         stabilize=True)
+    assert l1 == l2
+    assert all(torch.equal(a, b) for a, b in zip(h1.state_dict().values(), h2.state_dict().values()))
+    assert l1[0] != l3[0]

@@ -26,7 +26,7 @@ __all__ = [
     "HELD_OUT_SHAPES", "HELD_OUT_COLORS", "TRAIN_SHAPES", "TRAIN_COLORS", "VOCABULARY",
     "BACKGROUNDS", "MAX_OBJECTS",
     "ShapeScenes", "generate_scenes", "render_object", "render_objects", "caption_objects",
-    "prompt_for",
+    "prompt_for", "KEYPOINT_NAMES", "MAX_KEYPOINTS", "shape_keypoints", "object_keypoints",
 ]
 
 IMAGE_SIZE = 64
@@ -80,7 +80,16 @@ class ShapeScenes:
     captions : list of N strings; ``words[i] == captions[i].split()``.
     noun_index : int (N, K); index of object k's shape word in ``words[i]`` (-1 if no object).
     objects : list of N lists of dicts ``{shape, color, size, position, rgb, center,
-        noun_index}``, in caption (and drawing) order, matching the mask slots.
+        noun_index, radius, keypoints}``, in caption (and drawing) order, matching the mask
+        slots; ``keypoints`` maps each of :data:`KEYPOINT_NAMES` ``[shape]`` to its exact
+        ``(x, y)`` in pixel coordinates (:func:`shape_keypoints`).
+    keypoints : float64 (N, K, MAX_KEYPOINTS, 2); object k's keypoints ``(x, y)`` in the order of
+        ``KEYPOINT_NAMES[shape]`` (NaN for missing points and empty slots). Pixel ``(i, j)``
+        (row, column) covers ``[j, j+1) × [i, i+1)``; its centre is ``(j + 0.5, i + 0.5)``.
+    keypoint_visible : bool (N, K, MAX_KEYPOINTS); the keypoint lies in the image and within
+        2.5 px of the centre of a pixel of the object's visible mask (False where another object
+        occludes it; a small star's thin tip is up to 2.3 px from the nearest covered pixel
+        centre).
     """
     images: np.ndarray
     masks: np.ndarray
@@ -89,6 +98,8 @@ class ShapeScenes:
     captions: list[str]
     noun_index: np.ndarray
     objects: list[list[dict]] = field(repr=False)
+    keypoints: np.ndarray | None = field(default=None, repr=False)
+    keypoint_visible: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def words(self) -> list[list[str]]:
@@ -166,6 +177,81 @@ def _shape_masks(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> n
         q = u * u + v * v - 1.0
         return q * q * q - u * u * v * v * v <= 0.0
     raise ValueError(f"shape must be one of {list(SHAPES)}, got {shape!r}")
+
+
+#: names of each shape's keypoints, in the order of :func:`shape_keypoints` (the centre first).
+KEYPOINT_NAMES: dict[str, tuple[str, ...]] = {
+    "circle": ("center",),
+    "square": ("center", "top_left", "top_right", "bottom_right", "bottom_left"),
+    "triangle": ("center", "apex", "bottom_right", "bottom_left"),
+    "star": ("center", "tip_top", "tip_upper_right", "tip_lower_right", "tip_lower_left",
+             "tip_upper_left"),
+    "diamond": ("center", "top", "right", "bottom", "left"),
+    "heart": ("center", "cleft", "bottom_tip"),
+}
+MAX_KEYPOINTS = max(len(v) for v in KEYPOINT_NAMES.values())
+_KEYPOINT_REACH = 2.5    # px: a visible keypoint is this close to a covered pixel centre
+
+
+def shape_keypoints(shape: str, center, radius: float) -> np.ndarray:
+    """Exact keypoints ``(P, 2)`` (x, y in pixels, y down) of ``shape`` drawn at ``center`` with
+    ``radius``, in the order of :data:`KEYPOINT_NAMES` ``[shape]``: the centre, then the corners
+    (square, triangle, diamond), the five tips (star, clockwise from the top) or the cleft and the
+    bottom tip (heart). Each point is a vertex of the region :func:`_shape_masks` tests (on its
+    boundary), so it moves with the object: shifting the centre shifts it, scaling the radius
+    scales its offset from the centre."""
+    shape = _check_one(shape, SHAPES, "shape")
+    cx, cy = (float(c) for c in center)
+    r = float(radius)
+    if shape == "circle":
+        off = [(0.0, 0.0)]
+    elif shape == "square":
+        h = 0.88 * r
+        off = [(0.0, 0.0), (-h, -h), (h, -h), (h, h), (-h, h)]
+    elif shape == "triangle":
+        R = 1.5 * r                      # apex at y = -R, base at R/2 after the 0.25 R shift
+        b = np.sqrt(3.0) / 2 * R
+        off = [(0.0, 0.0), (0.0, -1.25 * R), (b, 0.25 * R), (-b, 0.25 * R)]
+    elif shape == "star":
+        R = 1.5 * r
+        th = 2 * np.pi * np.arange(5) / 5     # clockwise from the top point
+        off = [(0.0, 0.0)] + [(R * np.sin(a), -R * np.cos(a)) for a in th]
+    elif shape == "diamond":
+        d = 1.25 * r
+        off = [(0.0, 0.0), (0.0, -d), (d, 0.0), (0.0, d), (-d, 0.0)]
+    else:                                # heart: (u²+v²-1)³ = u²v³ meets u = 0 at v = ±1
+        s = 1.2 / r                      # v = -dy s + 0.15  =>  dy = (0.15 - v) / s
+        off = [(0.0, 0.0), (0.0, (0.15 - 1.0) / s), (0.0, (0.15 + 1.0) / s)]
+    return np.array([(cx + dx, cy + dy) for dx, dy in off], dtype=np.float64)
+
+
+def object_keypoints(obj: dict) -> dict[str, tuple[float, float]]:
+    """``{name: (x, y)}`` of an object dict with ``shape``, ``center`` and ``radius`` (as in
+    :attr:`ShapeScenes.objects`), or ``size`` instead of ``radius``."""
+    r = obj.get("radius")
+    r = SIZES[obj.get("size", "large")] if r is None else r
+    pts = shape_keypoints(obj["shape"], obj["center"], r)
+    return {n: (float(x), float(y)) for n, (x, y) in zip(KEYPOINT_NAMES[obj["shape"]], pts)}
+
+
+def _keypoint_arrays(objects: list[list[dict]], masks: np.ndarray):
+    """(N, K, P, 2) keypoints (NaN padded) and their visibility in the masks."""
+    n, K, H, W = masks.shape
+    kp = np.full((n, K, MAX_KEYPOINTS, 2), np.nan)
+    vis = np.zeros((n, K, MAX_KEYPOINTS), dtype=bool)
+    for i, objs in enumerate(objects):
+        for k, o in enumerate(objs):
+            pts = np.array(list(o["keypoints"].values()), dtype=np.float64)
+            kp[i, k, : len(pts)] = pts
+            for p, (x, y) in enumerate(pts):
+                c, r = int(np.floor(x)), int(np.floor(y))
+                if not (0 <= c < W and 0 <= r < H):
+                    continue                     # outside the image
+                r0, c0 = max(r - 2, 0), max(c - 2, 0)
+                ys, xs = np.nonzero(masks[i, k, r0: r + 3, c0: c + 3])
+                d2 = (xs + c0 + 0.5 - x) ** 2 + (ys + r0 + 0.5 - y) ** 2
+                vis[i, k, p] = bool(len(d2)) and float(d2.min()) <= _KEYPOINT_REACH ** 2
+    return kp, vis
 
 
 def _backgrounds(rng: np.random.Generator, n: int, textured: bool, size: int,
@@ -371,8 +457,10 @@ def generate_scenes(n: int, seed=0, *, min_objects: int = 1, max_objects: int = 
         objs = [dict(shape=str(shape_names[shape_id[i, k]]), color=color_names[color_id[i, k]],
                      size=size_names[size_id[i, k]], position=pos_names[pos_id[i, k]],
                      rgb=tuple(float(c) for c in rgb[i, k]),
-                     center=(float(cx[i, k]), float(cy[i, k])))
+                     center=(float(cx[i, k]), float(cy[i, k])), radius=float(radius[i, k]))
                 for k in range(int(n_obj[i]))]
+        for o in objs:
+            o["keypoints"] = object_keypoints(o)
         cap, nouns = caption_objects(objs, mention_size=list(say_size[i, :len(objs)]),
                                      mention_position=list(say_pos[i, :len(objs)]))
         for k, o in enumerate(objs):
@@ -380,8 +468,10 @@ def generate_scenes(n: int, seed=0, *, min_objects: int = 1, max_objects: int = 
             noun_index[i, k] = nouns[k]
         captions.append(cap)
         objects.append(objs)
+    kp, kp_vis = _keypoint_arrays(objects, masks)
     return ShapeScenes(images=images, masks=masks, boxes=boxes, n_objects=n_obj.astype(np.int64),
-                       captions=captions, noun_index=noun_index, objects=objects)
+                       captions=captions, noun_index=noun_index, objects=objects,
+                       keypoints=kp, keypoint_visible=kp_vis)
 
 
 def _pool(values, known, held_out, include_held_out, name) -> tuple[str, ...]:
@@ -398,14 +488,15 @@ def _pool(values, known, held_out, include_held_out, name) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------- single objects
 def render_objects(objects: Sequence[dict], *, background: str | float = "plain",
-                   seed=0) -> tuple[np.ndarray, np.ndarray]:
+                   seed=0, keypoints: bool = False):
     """Render specified objects (dicts with ``shape``, ``color``, ``size`` (default "large"),
     ``position`` (default "center") and optional ``cy`` (vertical centre, default 32) or exact
     ``center=(x, y)``, and optional ``radius`` (a continuous size in px, overriding ``size``)),
     drawn in order, without colour jitter.
 
     ``background``: a grey level in [0, 1] or one of :data:`BACKGROUNDS` (textures use ``seed``).
-    Returns ``(image (64, 64, 3) float32 in [0, 1], masks (len(objects), 64, 64) bool)``.
+    Returns ``(image (64, 64, 3) float32 in [0, 1], masks (len(objects), 64, 64) bool)``, and
+    with ``keypoints=True`` a third item: per object ``{name: (x, y)}`` (:func:`shape_keypoints`).
     Held-out concepts are allowed here (references for personalization).
     """
     if len(objects) == 0 or len(objects) > MAX_OBJECTS:
@@ -442,6 +533,10 @@ def render_objects(objects: Sequence[dict], *, background: str | float = "plain"
                              f"{list(BACKGROUNDS)}, got {background!r}")
         bg = np.full((1, IMAGE_SIZE, IMAGE_SIZE, 3), float(background), dtype=np.float32)
     image, masks = _render(rng, bg, shape_id, rgb, radius, cx, cy, np.ones((1, K), dtype=bool))
+    if keypoints:
+        kps = [object_keypoints(dict(shape=SHAPES[shape_id[0, k]], center=(cx[0, k], cy[0, k]),
+                                     radius=radius[0, k])) for k in range(K)]
+        return image[0], masks[0], kps
     return image[0], masks[0]
 
 

@@ -18,6 +18,11 @@ SDEdit paper (the blog uses one symbol ε for both branches):
     x_{t'} ← Ω ⊙ x_{t'} + (1 − Ω) ⊙ (√ᾱ_{t'} x⁽ᵍ⁾ + √(1 − ᾱ_{t'}) ε'),
 
 so at the end (ᾱ = 1) the latent outside Ω is the input's latent exactly.
+
+The core, :func:`sdedit_sample`, takes any ``eps_model(x, t)`` and any tensor x₀: the VAE latent
+of :func:`sdedit`, or pixels (the pixel-space shapes model of the restoration chapter). Its
+optional ``data_step`` hook, applied after every denoising step, turns it into CCDF
+(:func:`diffnotes.restoration.conditional.ccdf`; Zhu's slides, *Come-Closer-Diffuse-Faster*).
 """
 from __future__ import annotations
 
@@ -27,14 +32,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..ddim import ddim_sample
-from ..ddpm import q_sample
-from ..utils import check_range, check_tensor
-from .common import (blend_known, edit_outputs, encode_prompts, masked_ddim_sample,
-                     pipe_alphas_cumprod, pipe_eps_model, pipe_timesteps)
+from ..ddim import ddim_step
+from ..ddpm import _check_alphas_cumprod, predict_x0, q_sample
+from ..utils import (batch_timesteps, check_callable, check_decreasing, check_finite,
+                     check_range, check_same_shape, check_tensor)
+from .common import (blend_known, edit_outputs, encode_prompts, pipe_alphas_cumprod,
+                     pipe_eps_model, pipe_timesteps)
 
-__all__ = ["sdedit", "strength_timestep", "sdedit_timesteps", "latent_mask", "blend_known",
-           "to_pil_list"]
+__all__ = ["sdedit", "sdedit_sample", "strength_timestep", "sdedit_timesteps", "latent_mask",
+           "blend_known", "to_pil_list"]
 
 
 def strength_timestep(strength, T: int, name: str = "strength") -> int:
@@ -100,6 +106,68 @@ def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=dev).to(like.device)
 
 
+def sdedit_sample(eps_model, x0: torch.Tensor, timesteps, alphas_cumprod: torch.Tensor, *,
+                  mask: torch.Tensor | None = None, eta: float = 0.0,
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                  data_step: Callable | None = None, clip_sample: bool = False,
+                  return_trajectory: bool = False, callback: Callable[[dict], None] | None = None):
+    """SDEdit's core on any tensor (latents or pixels): forward-noise the guide x₀ to
+    t₀ = ``timesteps[0]``, x_{t₀} = √ᾱ_{t₀} x₀ + √(1−ᾱ_{t₀}) ε (the controlled-generation blog,
+    §4.1.1, VP initialisation; Ho et al. 2020, eq 4; :func:`diffnotes.ddpm.q_sample`), then run the
+    generalized DDIM step (Ahmad's notes, eq 1.21; DDIM eq 12; η = ``eta``, η = 0 deterministic,
+    η = 1 the DDPM posterior variance) along ``timesteps`` to a clean sample (ᾱ = 1 after the last).
+
+    After each step i (its target level t' = ``timesteps[i+1]``, or clean after the last):
+
+    1. with ``mask`` Ω (1 = regenerate, broadcast against x₀): x ← Ω ⊙ x + (1 − Ω) ⊙ known, known
+       = x₀ forward-noised to t' with a fresh ε' (SDEdit's Algorithm 3; x₀ itself at the end);
+    2. with ``data_step``: x ← ``data_step(x, i, t_prev)`` with t_prev = t' (``None`` for the
+       clean end): CCDF's data-consistency mapping (Chung et al. 2022, Algorithm 1).
+
+    ``generator`` draws, in this order: the initial ε (unless ``noise`` is given), then per step
+    the DDIM noise (when η > 0), then the mask's ε' (when a mask is given and t' is not the
+    end); ``data_step`` may draw from it too. ``callback`` as in
+    :func:`diffnotes.ddim.ddim_sample`. ``clip_sample`` clips x̂₀ to [−1, 1] in each step.
+    Returns x₀ of the edit, or ``(x, [x_{t₀}, …, x])`` with ``return_trajectory=True``.
+    Raises ``ValueError``/``TypeError`` naming a bad argument.
+    """
+    check_callable(eps_model, "eps_model", "eps_model(x, t)")
+    x0 = check_tensor(x0, "x0")
+    ac = _check_alphas_cumprod(alphas_cumprod)
+    ts = check_decreasing(timesteps, len(ac))
+    eta = check_finite(eta, "eta")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if data_step is not None:
+        check_callable(data_step, "data_step", "data_step(x, i, t_prev)")
+    if noise is None:
+        noise = _randn(x0.shape, generator, x0)
+    check_same_shape(x0, check_tensor(noise, "noise"), "x0", "noise")
+    acl = ac.tolist()
+    x = q_sample(x0, ts[0], ac, noise)                                   # x_{t₀}, blog §4.1.1
+    traj = [x]
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else None
+        a_prev = acl[t_prev] if t_prev is not None else 1.0
+        with torch.no_grad():
+            eps = eps_model(x, batch_timesteps(t, x))
+        if callback is not None:
+            x0_hat = predict_x0(x, eps, acl[t])
+            callback(dict(i=i, t=t, x=x, x0_hat=x0_hat.clamp(-1, 1) if clip_sample else x0_hat,
+                          eps=eps))
+        z = _randn(x.shape, generator, x) if eta > 0 else None
+        x = ddim_step(x, eps, acl[t], a_prev, eta, z, clip_sample=clip_sample)   # eq 1.21
+        if mask is not None:                                              # SDEdit Algorithm 3
+            known = (q_sample(x0, t_prev, ac, _randn(x0.shape, generator, x0))
+                     if t_prev is not None else x0)
+            x = blend_known(x, known, mask)
+        if data_step is not None:                                         # CCDF, Algorithm 1
+            x = data_step(x, i, t_prev)
+        if return_trajectory:
+            traj.append(x)
+    return (x, traj) if return_trajectory else x
+
+
 def sdedit(pipe, image, prompt: str, strength, mask=None, *, num_inference_steps: int = 50,
            guidance_scale: float = 7.5, generator: torch.Generator | None = None,
            return_latents: bool = False, return_trajectory: bool = False,
@@ -140,15 +208,7 @@ def sdedit(pipe, image, prompt: str, strength, mask=None, *, num_inference_steps
     m = None if mask is None else latent_mask(pipe, mask, z0)
     ac = pipe_alphas_cumprod(pipe, dtype=torch.float64)
     eps_model = pipe_eps_model(pipe, encode_prompts(pipe, prompt), guidance_scale=guidance_scale)
-    x = q_sample(z0, ts[0], ac, _randn(z0.shape, generator, z0))     # x_{t₀}, blog §4.1.1
-    if m is None:
-        out = ddim_sample(eps_model, x, ts, ac, return_trajectory=return_trajectory,
-                          callback=callback)
-        z, traj = out if return_trajectory else (out, None)
-    else:
-        def known(i):          # the original, forward-noised to the level step i reached
-            return (q_sample(z0, ts[i + 1], ac, _randn(z0.shape, generator, z0))
-                    if i + 1 < len(ts) else z0)
-        z, traj = masked_ddim_sample(eps_model, x, ts, ac, m, known, callback)
+    z, traj = sdedit_sample(eps_model, z0, ts, ac, mask=m, generator=generator,
+                            return_trajectory=True, callback=callback)
     return edit_outputs(to_pil_list(decode_latents(pipe, z)), z, traj, return_latents,
                         return_trajectory)

@@ -12,9 +12,11 @@ Which tensor is centred and which is clamped (paper eq 4 and the official code,
 ``ContrastiveCorrelationLoss.helper``): the *feature* correspondence F is spatially centred
 (its mean over the second image's positions (i, j) is subtracted), and the *code*
 correspondence S is zero-clamped (max(S, 0)); F is a fixed target (computed without gradient).
-The official code also adds the global mean of F back after centring (a constant, equivalent to
-a different shift b) and optionally clamps S from above at 0.8 (``stabilize``); neither is done
-here.
+The official code also adds the global mean of F back after centring (``F~ - mean(F~) +
+mean(F)``, the means over the whole batch: a constant per batch, so a batch-dependent change of
+the shift b) and optionally clamps S from above at 0.8 (``stabalize`` in its config). Both are
+options here, off by default (switched on by ``add_mean=True`` and ``stabilize=True`` in
+:func:`stego_loss` and :func:`train_stego`); with both off the loss is bitwise the one without the options.
 """
 from __future__ import annotations
 
@@ -76,14 +78,18 @@ def _check_maps(feats_a, feats_b, codes_a, codes_b):
 
 def stego_loss(feats_a: torch.Tensor, feats_b: torch.Tensor, codes_a: torch.Tensor,
                codes_b: torch.Tensor, shift: float, spatial_centering: bool = True,
-               zero_clamp: bool = True) -> torch.Tensor:
+               zero_clamp: bool = True, add_mean: bool = False,
+               stabilize: bool = False) -> torch.Tensor:
     """STEGO's correlation loss, Ahmad's notes, eq 5.28 with spatial centring and zero clamping.
 
     ``L = - mean_{b,h,w,i,j} (F~[b,h,w,i,j] - shift) * max(S[b,h,w,i,j], 0)`` where
     ``F = correspondence(feats_a, feats_b)``, ``S = correspondence(codes_a, codes_b)``,
     ``F~ = F - mean_{i,j} F`` when ``spatial_centering`` (else F), and ``max(S, 0)`` becomes S
     when ``zero_clamp`` is off. F is computed without gradient (a frozen target); gradients flow
-    into the codes only. Ahmad's notes print eq 5.28 without the leading minus sign and the centring
+    into the codes only. The official code's two extras: ``add_mean`` adds the batch mean of F
+    back after the centring (``F~ - mean(F~) + mean(F)``, inside its ``pointwise`` branch, so
+    only with ``spatial_centering``); ``stabilize`` clamps S from above at 0.8
+    (``cd.clamp(min_val, .8)``). Ahmad's notes print eq 5.28 without the leading minus sign and the centring
     with '=' for '-': see the errata.
 
     Args:
@@ -101,10 +107,17 @@ def stego_loss(feats_a: torch.Tensor, feats_b: torch.Tensor, codes_a: torch.Tens
     with torch.no_grad():
         Fc = correspondence(feats_a, feats_b)
         if spatial_centering:
+            old_mean = Fc.mean()
             Fc = Fc - Fc.mean(dim=(3, 4), keepdim=True)  # F^SC (STEGO eq 4; the notes' '=' is '-')
+            if add_mean:
+                Fc = Fc - Fc.mean() + old_mean           # the official code's global mean
     Sc = correspondence(codes_a, codes_b)  # eq 5.27
-    if zero_clamp:
+    if zero_clamp and stabilize:
+        Sc = Sc.clamp(min=0, max=0.8)                    # the official code's ``stabalize``
+    elif zero_clamp:
         Sc = Sc.clamp(min=0)
+    elif stabilize:
+        Sc = Sc.clamp(max=0.8)
     return -((Fc - b) * Sc).mean()  # eq 5.28 with the minus sign, averaged over (b,h,w,i,j)
 
 
@@ -221,12 +234,15 @@ def sample_points(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def train_stego(feats: torch.Tensor, generator: torch.Generator, dim: int = 32, k: int = 5,
                 steps: int = 300, batch_size: int = 16, lr: float = 3e-3, n_points: int = 64,
-                shifts=(0.18, 0.12, 0.46), weights=(0.67, 0.25, 0.63), progress: bool = True):
+                shifts=(0.18, 0.12, 0.46), weights=(0.67, 0.25, 0.63), progress: bool = True,
+                add_mean: bool = False, stabilize: bool = False):
     """Train a :class:`SegmentationHead` on frozen features with :func:`stego_objective`.
 
     Each step takes a batch of images, a partner for each among its ``k`` nearest neighbours
     (:func:`knn_pairs`) and a random other image, and evaluates the loss on ``n_points``
     random positions of each map (the official code samples 11 x 11 = 121 points).
+    ``add_mean`` and ``stabilize`` switch on the official code's two extras (:func:`stego_loss`);
+    off, the training is bitwise the one without these options.
 
     Args:
         feats: (N, C, H, W) frozen backbone features.
@@ -257,7 +273,12 @@ def train_stego(feats: torch.Tensor, generator: torch.Generator, dim: int = 32, 
                for _ in range(3)]
         f, fk, fr = (sample_points(feats[i], p) for i, p in zip((idx, nn_idx, rnd), pts))
         c, ck, cr = head(f), head(fk), head(fr)   # the head is pointwise (1x1 convs)
-        loss = stego_objective(f, c, fk, ck, fr, cr, shifts=shifts, weights=weights)
+        extras = {}
+        if add_mean:
+            extras["add_mean"] = True
+        if stabilize:
+            extras["stabilize"] = True
+        loss = stego_objective(f, c, fk, ck, fr, cr, shifts=shifts, weights=weights, **extras)
         opt.zero_grad()
         loss.backward()
         opt.step()
