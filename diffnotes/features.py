@@ -54,18 +54,24 @@ class _Stop(Exception):
     pass
 
 
-def unet_block_outputs(unet, z_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor,
-                       blocks=("up_blocks.0",), stop_early: bool = True) -> list[torch.Tensor]:
-    """Run ``unet(z_t, t, encoder_hidden_states)`` once and return the outputs of the named
-    submodules (e.g. ``"up_blocks.0"``, ``"mid_block"``) in the order given.
+def unet_block_outputs(unet, z_t: torch.Tensor, t, encoder_hidden_states: torch.Tensor | None,
+                       blocks=("up_blocks.0",), stop_early: bool = True,
+                       return_output: bool = False, **unet_kwargs):
+    """Run ``unet(z_t, t, encoder_hidden_states, **unet_kwargs)`` once and return the outputs of
+    the named submodules (e.g. ``"up_blocks.0"``, ``"mid_block"``) in the order given (the hidden
+    state of a down block's ``(hidden, skips)`` tuple).
 
     With ``stop_early`` the forward pass is abandoned (by an exception caught here) as soon as
-    every requested block has produced its output, which skips the rest of the decoder."""
+    every requested block has produced its output, which skips the rest of the decoder.
+    ``encoder_hidden_states=None`` calls an unconditional ``UNet2DModel``. With ``return_output``
+    the whole pass runs and ``(outputs, eps)`` is returned, ``eps`` the UNet's own output. No
+    ``no_grad`` here: the outputs keep their graph when the caller wants one."""
     modules = dict(unet.named_modules())
     missing = [b for b in blocks if b not in modules]
     if missing:
         raise ValueError(f"blocks must name submodules of the UNet, unknown: {missing}; e.g. "
                          f"{[n for n in modules if n.count('.') == 1][:8]}")
+    stop_early = stop_early and not return_output
     store: dict[str, torch.Tensor] = {}
     hooks = []
     for b in blocks:
@@ -74,14 +80,20 @@ def unet_block_outputs(unet, z_t: torch.Tensor, t, encoder_hidden_states: torch.
             if stop_early and len(store) == len(set(blocks)):
                 raise _Stop  # the rest of the UNet is not needed
         hooks.append(modules[b].register_forward_hook(hook))
+    if encoder_hidden_states is not None:
+        unet_kwargs["encoder_hidden_states"] = encoder_hidden_states
+    out = None
     try:
-        unet(z_t, t, encoder_hidden_states=encoder_hidden_states)
+        out = unet(z_t, t, **unet_kwargs)
     except _Stop:
         pass
     finally:
         for h in hooks:
             h.remove()
-    return [store[b] for b in blocks]
+    feats = [store[b] for b in blocks]
+    if not return_output:
+        return feats
+    return feats, (out.sample if hasattr(out, "sample") else out)
 
 
 @torch.no_grad()

@@ -427,6 +427,7 @@ def _uncond_batch(x_uint8, g):
 
 
 def add_train_arguments(p: argparse.ArgumentParser, minutes: float, out: Path) -> None:
+    """The training options shared by this model's and SR3's ``train`` commands."""
     p.add_argument("--minutes", type=float, default=minutes, help="wall-time budget")
     p.add_argument("--steps", type=int, default=0, help="step cap (0: as many as fit)")
     p.add_argument("--batch-size", type=int, default=32, help="per process")

@@ -305,6 +305,7 @@ def load(device=None, dtype=None):
 
 
 def null_context(pipe) -> torch.Tensor:
+    """The empty prompt's text embedding (DiffewS conditions on no text)."""
     from ..editing.common import encode_prompts
     return encode_prompts(pipe, "")
 

@@ -251,6 +251,7 @@ def diffseg_run(pipe, images, gts, taus=TAUS, num_points: int = 8, weights="offi
 
 
 def load_results(path=RESULTS_PATH) -> dict:
+    """The stored measurement record (``results/segmentation.json``) the chapter reads."""
     with open(path) as f:
         return json.load(f)
 

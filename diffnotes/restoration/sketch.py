@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..features import unet_block_outputs
 from ..utils import batch_timesteps, check_int, check_tensor
 
 __all__ = ["EdgePredictor", "default_layers", "unet_features", "block_features",
@@ -51,29 +52,18 @@ def default_layers(unet) -> list[str]:
 
 
 def unet_features(unet, x: torch.Tensor, t, layers=None, **unet_kwargs):
-    """One forward pass of ``unet(x, t, **unet_kwargs)`` with forward hooks on the named blocks:
-    returns ``(features, eps)``, ``features`` a list of (B, C_l, h_l, w_l) block outputs (the
-    hidden state of a down block's ``(hidden, skips)`` tuple) in the order of ``layers`` and
-    ``eps`` the UNet's output. Differentiable (no ``no_grad`` here)."""
+    """One forward pass of ``unet(x, t, **unet_kwargs)`` with forward hooks on the named blocks
+    (:func:`diffnotes.features.unet_block_outputs`, the whole pass): returns ``(features, eps)``,
+    ``features`` a list of (B, C_l, h_l, w_l) block outputs in the order of ``layers`` (default:
+    :func:`default_layers`) and ``eps`` the UNet's output. Differentiable (no ``no_grad`` here)."""
     layers = list(layers) if layers is not None else default_layers(unet)
     modules = dict(unet.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
         raise ValueError(f"layers must name blocks of the UNet, unknown: {missing}; e.g. "
                          f"{default_layers(unet)}")
-    store: dict[str, torch.Tensor] = {}
-    hooks = []
-    for n in layers:
-        def hook(_m, _inp, out, n=n):
-            store[n] = out[0] if isinstance(out, tuple) else out
-        hooks.append(modules[n].register_forward_hook(hook))
-    try:
-        out = unet(x, batch_timesteps(t, x), **unet_kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    eps = out.sample if hasattr(out, "sample") else out
-    return [store[n] for n in layers], eps
+    return unet_block_outputs(unet, x, batch_timesteps(t, x), None, layers,
+                              return_output=True, **unet_kwargs)
 
 
 def block_features(feats, size, t, T: int = 1000) -> torch.Tensor:
@@ -239,6 +229,7 @@ def train(unet, steps: int = 200, batch: int = 16, minutes: float | None = None,
 
 
 def save(pred: EdgePredictor, out: Path, info: dict) -> None:
+    """Write the predictor's safetensors, its config and ``TRAINING.json`` (``info``) to ``out``."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +240,7 @@ def save(pred: EdgePredictor, out: Path, info: dict) -> None:
 
 
 def weights_available(path=None) -> bool:
+    """True when the shipped edge predictor (safetensors + config.json) is on disk."""
     p = Path(path) if path is not None else WEIGHTS_DIR
     return (p / "edge_predictor.safetensors").is_file() and (p / "config.json").is_file()
 

@@ -59,6 +59,7 @@ def build_sr3_unet(init_from_prior: bool = False):
 
 
 def weights_available(path=None) -> bool:
+    """True when the shipped SR3 weights (config.json + safetensors) are on disk."""
     return P.weights_available(path if path is not None else WEIGHTS_DIR)
 
 
