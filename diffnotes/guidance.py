@@ -203,9 +203,18 @@ def multi_cfg(eps_uncond: torch.Tensor, eps_conds: Sequence[torch.Tensor],
     """
     eps_conds = _check_eps_list(eps_uncond, eps_conds)
     scales = _check_scales(scales, len(eps_conds), eps_uncond)
-    out = eps_uncond.clone()
-    for e, w in zip(eps_conds, scales):
-        out = out + w * (e - eps_uncond)  # blog §2.4.3: ε_u + Σ w_k d_k
+    return _sum_of_deltas(eps_uncond, [e - eps_uncond for e in eps_conds], scales)
+
+
+def _sum_of_deltas(eps_u: torch.Tensor, deltas: Sequence[torch.Tensor],
+                   weights: Sequence) -> torch.Tensor:
+    """ε_u + Σ_k w_k d_k with d_k = ε_k − ε_u (the controlled-generation blog, §2.4.3; the
+    conjunction of Liu et al. 2022): the one implementation that :func:`multi_cfg` and
+    :func:`diffnotes.control.compose.compose` share. Arguments already checked: ``deltas`` and
+    ``weights`` of equal length, each weight a number or a tensor broadcasting against ε_u."""
+    out = eps_u.clone()
+    for d, w in zip(deltas, weights):
+        out = out + w * d  # blog §2.4.3: ε_u + Σ w_k d_k
     return out
 
 
@@ -366,13 +375,16 @@ def condition_dropout_mask(batch_size: int, drop_probs: Sequence[float],
     always dropped. Raises ``ValueError`` for a rate outside [0, 1] or a bad ``available``.
     """
     batch_size = check_int(batch_size, "batch_size", min=0)
-    if isinstance(drop_probs, (int, float)):
-        drop_probs = [drop_probs]
-    q = [check_range(v, f"drop_probs[{k}]", 0, 1) for k, v in enumerate(drop_probs)]
-    if not q:
-        raise ValueError("drop_probs must list one rate per channel")
-    q_t = torch.tensor(q, dtype=torch.float64)
-    u = torch.rand(batch_size, len(q), generator=generator, dtype=torch.float64)
+    if isinstance(drop_probs, torch.Tensor) and drop_probs.ndim > 0:
+        q_t = _check_rate_tensor(drop_probs, batch_size)
+    else:
+        if isinstance(drop_probs, (int, float)) or isinstance(drop_probs, torch.Tensor):
+            drop_probs = [drop_probs]
+        q = [check_range(v, f"drop_probs[{k}]", 0, 1) for k, v in enumerate(drop_probs)]
+        if not q:
+            raise ValueError("drop_probs must list one rate per channel")
+        q_t = torch.tensor(q, dtype=torch.float64)
+    u = torch.rand(batch_size, q_t.shape[-1], generator=generator, dtype=torch.float64)
     keep = u >= q_t                      # P(keep) = 1 − q_k
     if available is not None:
         available = torch.as_tensor(available, dtype=torch.bool)
@@ -382,6 +394,21 @@ def condition_dropout_mask(batch_size: int, drop_probs: Sequence[float],
             raise ValueError(f"available must have shape ({len(q)},) or ({batch_size}, "
                              f"{len(q)}), got {tuple(available.shape)}") from None
     return keep
+
+
+def _check_rate_tensor(q: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Drop rates as a tensor: (K,) one per channel, or (B, K) one per row and channel (rates
+    q_k(t) that depend on each row's time step). Returned as float64."""
+    if q.dtype == torch.bool or q.dtype.is_complex:
+        raise TypeError(f"drop_probs must hold real rates, got dtype {q.dtype}")
+    q = q.detach().to("cpu", torch.float64)
+    if q.ndim > 2 or q.shape[-1] == 0 or (q.ndim == 2 and q.shape[0] != batch_size):
+        raise ValueError(f"drop_probs must have shape (K,) or ({batch_size}, K) with K >= 1, got "
+                         f"{tuple(q.shape)}")
+    if not bool(((q >= 0) & (q <= 1)).all()):
+        raise ValueError(f"drop_probs must lie in [0, 1], got values in [{float(q.min())}, "
+                         f"{float(q.max())}]")
+    return q
 
 
 def drop_conditions(conds: Sequence[torch.Tensor], nulls: Sequence, drop_probs: Sequence[float],
@@ -401,6 +428,16 @@ def drop_conditions(conds: Sequence[torch.Tensor], nulls: Sequence, drop_probs: 
         raise ValueError("conds must not be empty")
     B = check_tensor(conds[0], "conds[0]").shape[0]
     keep = condition_dropout_mask(B, drop_probs, generator, available)
+    return _replace_dropped(conds, nulls, keep), keep
+
+
+def _replace_dropped(conds: Sequence[torch.Tensor], nulls: Sequence,
+                     keep: torch.Tensor) -> list:
+    """c̃_k = c_k where ``keep[:, k]``, else the channel's own null ∅_k (the controlled-generation
+    blog, §2.4.2): the one replacement :func:`drop_conditions` and
+    :func:`diffnotes.control.compose.channel_dropout` share. A null that is a tensor keeps its
+    autograd graph (a learned null embedding receives the gradient of the rows it replaced)."""
+    B = keep.shape[0]
     out = []
     for k, (c, n) in enumerate(zip(conds, nulls)):
         check_tensor(c, f"conds[{k}]")
@@ -408,7 +445,7 @@ def drop_conditions(conds: Sequence[torch.Tensor], nulls: Sequence, drop_probs: 
             raise ValueError(f"conds[{k}] must have batch size {B}, got shape {tuple(c.shape)}")
         m = keep[:, k].to(c.device).reshape(-1, *([1] * (c.ndim - 1)))
         out.append(torch.where(m, c, torch.as_tensor(n, dtype=c.dtype, device=c.device)))
-    return out, keep
+    return out
 
 
 # ----------------------------------------------------------------------------- exact models

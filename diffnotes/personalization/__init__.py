@@ -17,6 +17,12 @@ import importlib
 _NAMED = {
     "concept_images": "common", "add_placeholder": "common", "ConceptSet": "common",
     "evaluate_tuned": "evaluate", "Tuned": "evaluate",
+    "textual_inversion": "textual_inversion", "save_textual_inversion": "textual_inversion",
+    "dreambooth": "dreambooth", "extended_textual_inversion": "extended",
+    "break_a_scene": "break_a_scene", "reversion": "reversion",
+    "lora": "lora", "custom_diffusion": "custom_diffusion",
+    "merge_custom_diffusion": "custom_diffusion", "e4t": "e4t",
+    "load_gan": "gan", "invert": "gan", "pti": "gan", "adapt": "gan", "ewc_penalty": "gan",
 }
 
 __all__ = list(_NAMED)

@@ -51,7 +51,7 @@ from .common import ConceptSet, concept_images
 
 __all__ = ["CONCEPTS", "N_IMAGES", "PROTOCOL", "Tuned", "pipeline_sampler", "judge_images",
            "concept_prompts", "evaluate_tuned", "run_method", "baseline_config", "load_result",
-           "METHOD_MODULES", "RESULTS_DIR"]
+           "METHOD_MODULES", "RESULTS_DIR", "summary_table"]
 
 CONCEPTS = {"heart": "heart", "purple": "purple",
             "instance": dict(shape="star", color="orange", size="large", background="stripes")}
@@ -201,8 +201,9 @@ def evaluate_tuned(tuned: Tuned, concept: ConceptSet, n: int = PROTOCOL["n"],
 
 def baseline_config(concept: ConceptSet, progress: bool = False) -> Tuned:
     """The untuned shipped model, prompted with the concept's own word (``"a heart"``,
-    ``"a purple circle"``; the instance as ``"a large orange star"``): the floor every method
-    is compared with."""
+    ``"a purple circle"``): the floor every method is compared with. The instance is prompted
+    with its full description (``"a large orange star"``), which the judges cannot tell from the
+    instance (its striped background is not judged): there the baseline is an upper reference."""
     from ..models.load import load_pipeline
 
     pipe = load_pipeline("shapes")
@@ -265,6 +266,28 @@ def load_result(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def summary_table(names, concepts=tuple(CONCEPTS)):
+    """One row per (method, concept) of the stored results: fidelity, editability, prior
+    preservation (all prompts and the class word's), trained parameters, file size (kB) and
+    training seconds; a ``pandas.DataFrame``. The fractions are "all requested attributes right"."""
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        res = load_result(name)
+        for c in concepts:
+            if c not in res["concepts"]:
+                continue
+            r = res["concepts"][c]
+            rows.append(dict(method=name, concept=c, fidelity=r["fidelity"]["all"],
+                             editability=r["editability"]["all"], prior=r["prior"]["all"],
+                             prior_class=r.get("prior_class", {}).get("all", float("nan")),
+                             parameters=r["cost"]["trained_parameters"],
+                             kB=r["cost"]["file_bytes"] / 1e3,
+                             train_s=r["cost"]["train_seconds"]))
+    return pd.DataFrame(rows)
+
+
 def main(argv=None):  # pragma: no cover - a command
     import argparse
 
@@ -273,7 +296,7 @@ def main(argv=None):  # pragma: no cover - a command
     ap.add_argument("--methods", nargs="+", required=True)
     ap.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
     ap.add_argument("--n", type=int, default=PROTOCOL["n"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cmd = "python -m diffnotes.personalization.evaluate " + " ".join(sys.argv[1:] if argv is None

@@ -24,7 +24,13 @@ one module each, and are importable from here (loaded on first use):
 - :func:`correspondence_explorer` (``correspondence.py``): the time step and layer of the
   features used for correspondence;
 - :func:`diffseg_explorer` (``diffseg.py``): DiffSeg's KL merging threshold;
-- :func:`sag_explorer` (``sag.py``): the scale and blur of self-attention guidance.
+- :func:`sag_explorer` (``sag.py``): the scale and blur of self-attention guidance;
+- :func:`gan_explorer` (``gan.py``): the style-mixing crossover layer and the truncation ψ of the
+  shipped shapes GAN;
+- :func:`plus_mixing_explorer`, :func:`importance_explorer` (``richer_tokens.py``): P+ mixing's
+  split layer k; ReVersion's α of the importance sampling of t;
+- :func:`ti_explorer` (``dreambooth.py``): Textual Inversion's placeholder row walked from the
+  initializer word's embedding to the learned vector.
 """
 import importlib
 
@@ -38,7 +44,9 @@ _NAMED = {"ddim_explorer": "ddim", "guidance_explorer": "guidance",
           "beta_vae_explorer": "representation", "bayes_explorer": "elbo_align",
           "dps_explorer": "restoration", "noise_level_explorer": "restoration_linear",
           "ccdf_explorer": "restoration_conditional", "correspondence_explorer": "correspondence",
-          "diffseg_explorer": "diffseg", "sag_explorer": "sag"}
+          "diffseg_explorer": "diffseg", "sag_explorer": "sag",
+          "gan_explorer": "gan", "plus_mixing_explorer": "richer_tokens",
+          "importance_explorer": "richer_tokens", "ti_explorer": "dreambooth"}
 
 __all__ = ["explorer", "static_explorer", "is_static", "StaticExplorer", "to_png_bytes", *_NAMED]
 
