@@ -1,7 +1,6 @@
 """Custom Diffusion (diffnotes.personalization.custom_diffusion): only attn2 K/V and one
 embedding row change, the closed-form merge satisfies its constraint exactly and is the KKT
 solution, no new concept leaves W0, on the SD 1.5 block layout."""
-import numpy as np
 import pytest
 import torch
 

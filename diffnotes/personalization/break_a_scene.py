@@ -27,7 +27,6 @@ scaled down and the learning rates up (:data:`SHAPES_DEFAULTS`).
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -307,13 +306,10 @@ def evaluate_scene(pipe, placeholders=("<heart>", "<purplesq>"), n: int = 40, se
 
 # ---------------------------------------------------------------------------- protocol
 def _eval_bas(concept: ConceptSet, progress: bool = False):
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import new_placeholder, pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    ph = concept.placeholder if concept.placeholder not in pipe.tokenizer.get_vocab() \
-        else f"<{concept.placeholder}>"
+    pipe = protocol_pipeline()
+    ph = new_placeholder(concept, pipe)
     # Break-A-Scene learns from ONE image: the first of the concept's images and its mask
     res = break_a_scene(pipe, concept.images[0], concept.masks[:1], [ph], [concept.class_word],
                         seed=0, progress=progress, **SHAPES_DEFAULTS)

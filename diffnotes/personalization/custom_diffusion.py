@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -210,11 +209,9 @@ def merge_concepts(pipe, tuned: list[dict], reg_prompts, ridge: float = 1e-4) ->
 
 # ---------------------------------------------------------------------------- protocol
 def _eval_config(concept: ConceptSet, progress: bool = False):
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     res = custom_diffusion(pipe, concept, concept.captions, progress=progress)
     saved = dict(res.extra["kv"], token=res.extra["embedding"])
     return Tuned(sample=pipeline_sampler(pipe, progress=progress), placeholder=concept.placeholder,
@@ -231,10 +228,9 @@ def multi_concept(n: int = 40, progress: bool = True) -> dict:  # pragma: no cov
     judged on ``"a <purple> <heart>"`` (shape = heart and colour = purple) and on each concept
     alone, ``n`` paired seeds."""
     from ..models.eval_shapes import single_object_prompts
-    from ..models.load import load_pipeline
     from . import lora as L
     from .common import concept_images
-    from .evaluate import CONCEPTS, N_IMAGES, PROTOCOL, judge_images, pipeline_sampler
+    from .evaluate import CONCEPTS, judge_images, N_IMAGES, pipeline_sampler, PROTOCOL, protocol_pipeline
 
     sets = {c: concept_images(CONCEPTS[c], n=N_IMAGES, seed=PROTOCOL["image_seed"])
             for c in ("heart", "purple")}
@@ -253,21 +249,21 @@ def multi_concept(n: int = 40, progress: bool = True) -> dict:  # pragma: no cov
         return out
     tuned, loras = [], []
     for c, cs in sets.items():
-        p = load_pipeline("shapes"); p.set_progress_bar_config(disable=True)
+        p = protocol_pipeline()
         r = custom_diffusion(p, cs, cs.captions, progress=progress)
         tuned.append(dict(placeholder=cs.placeholder, embedding=r.extra["embedding"],
                           kv=r.extra["kv"], captions=cs.captions))
-        q = load_pipeline("shapes"); q.set_progress_bar_config(disable=True)
+        q = protocol_pipeline()
         L.lora(q, cs, cs.captions, progress=progress)
         tid = q.tokenizer.convert_tokens_to_ids(cs.placeholder)
         loras.append(dict(placeholder=cs.placeholder, delta=L.merged_delta(q.unet),
                           embedding=q.text_encoder.get_input_embeddings().weight[tid].detach().clone()))
-    base = load_pipeline("shapes"); base.set_progress_bar_config(disable=True)
+    base = protocol_pipeline()
     resid = merge_concepts(base, tuned, reg)
     out = dict(custom_diffusion_merge=judge(base), constraint_residual_max=max(resid.values()))
     from .common import add_placeholder
     for mode, w in (("lora_average", 0.5), ("lora_sum", 1.0)):
-        q = load_pipeline("shapes"); q.set_progress_bar_config(disable=True)
+        q = protocol_pipeline()
         for l in loras:
             tid = add_placeholder(q, l["placeholder"])[0]
             with torch.no_grad():

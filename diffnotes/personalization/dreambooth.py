@@ -22,7 +22,6 @@ nearest training shape is the star; ``"a sks blue circle"`` for purple), see
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -256,11 +255,9 @@ EVAL_SETTINGS = dict(steps=200, lr=1e-4, batch_size=4, num_class_images=20)
 
 
 def _eval(concept: ConceptSet, progress: bool = False, prior_loss_weight: float = 1.0):
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     inst, cls, ph = dreambooth_prompts(concept)
     torch.manual_seed(0)
     res = dreambooth(pipe, concept, inst, cls, prior_loss_weight=prior_loss_weight, seed=0,

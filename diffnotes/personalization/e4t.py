@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import shapes as S
-from ..utils import check_choice, check_int, check_positive
-from .common import (ConceptSet, add_placeholder, count_parameters, diffusion_loss, encode_images,
-                     freeze, tensor_bytes, train_loop)
+from ..utils import check_int, check_positive
+from .common import (ConceptSet, add_placeholder, diffusion_loss, encode_images, freeze,
+                     tensor_bytes, train_loop)
 
 __all__ = ["ImageEncoder", "MultiplicativeLinear", "add_weight_offsets", "remove_weight_offsets",
            "E4TModel", "pretrain", "e4t", "load_pretrained", "domain_dataset", "WEIGHTS_DIR",
@@ -353,11 +353,9 @@ def e4t(pipe, images, prompt: str | list, placeholder: str, class_word: str, ste
 
 
 def _eval_config(concept: ConceptSet, progress: bool = False):
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     model, res = e4t(pipe, concept, concept.captions, concept.placeholder, concept.class_word,
                      progress=progress)
     sd = model.state_dict()
@@ -371,11 +369,9 @@ def _eval_config(concept: ConceptSet, progress: bool = False):
 
 def _eval_config_scratch(concept: ConceptSet, progress: bool = False):
     """The same tuning without the domain pre-training (E = 0, ΔW = 0 at the start)."""
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     model, res = e4t(pipe, concept, concept.captions, concept.placeholder, concept.class_word,
                      pretrained=None, progress=progress)
     sd = model.state_dict()

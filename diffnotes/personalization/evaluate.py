@@ -51,7 +51,7 @@ from .common import ConceptSet, concept_images
 
 __all__ = ["CONCEPTS", "N_IMAGES", "PROTOCOL", "Tuned", "pipeline_sampler", "judge_images",
            "concept_prompts", "evaluate_tuned", "run_method", "baseline_config", "load_result",
-           "METHOD_MODULES", "RESULTS_DIR", "summary_table"]
+           "METHOD_MODULES", "RESULTS_DIR", "summary_table", "protocol_pipeline", "new_placeholder"]
 
 CONCEPTS = {"heart": "heart", "purple": "purple",
             "instance": dict(shape="star", color="orange", size="large", background="stripes")}
@@ -74,6 +74,23 @@ class Tuned:
     file_bytes: int = 0
     train_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def protocol_pipeline():
+    """A fresh shipped shapes pipeline with its progress bar off: what every method of the
+    protocol trains on (each concept starts from the untuned weights)."""
+    from ..models.load import load_pipeline
+
+    pipe = load_pipeline("shapes")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def new_placeholder(concept: ConceptSet, pipe) -> str:
+    """The concept's placeholder, bracketed (``"<sks>"``) when it is already a word of the
+    pipeline's tokenizer (the instance's ``"sks"``), for methods that add a new token."""
+    ph = concept.placeholder
+    return f"<{ph.strip('<>')}>" if ph in pipe.tokenizer.get_vocab() else ph
 
 
 def pipeline_sampler(pipe, num_inference_steps: int = PROTOCOL["num_inference_steps"],
@@ -204,10 +221,7 @@ def baseline_config(concept: ConceptSet, progress: bool = False) -> Tuned:
     ``"a purple circle"``): the floor every method is compared with. The instance is prompted
     with its full description (``"a large orange star"``), which the judges cannot tell from the
     instance (its striped background is not judged): there the baseline is an upper reference."""
-    from ..models.load import load_pipeline
-
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     if concept.kind == "instance":
         word = f"{concept.concept.get('size', 'large')} {concept.concept['color']}"
     else:

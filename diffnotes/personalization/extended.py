@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..attention import AttentionController, AttentionStore, attention_layers, layer_resolutions
-from ..utils import check_choice, check_int, check_positive
+from ..utils import check_int, check_positive
 from .common import (ConceptSet, add_placeholder, diffusion_loss, encode_images, freeze,
                      tensor_bytes, train_loop)
 
@@ -349,13 +349,10 @@ def _plus_sampler(pipe, plus: PlusEmbedding):
 
 
 def _eval_xti(concept: ConceptSet, progress: bool = False):
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned
+    from .evaluate import new_placeholder, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
-    ph = concept.placeholder if concept.placeholder not in pipe.tokenizer.get_vocab() \
-        else f"<{concept.placeholder}>"
+    pipe = protocol_pipeline()
+    ph = new_placeholder(concept, pipe)
     caps = [" ".join(ph if w == concept.placeholder else w for w in c.split())
             for c in concept.captions]
     init = {"shape": concept.class_word, "color": concept.class_word,

@@ -3,13 +3,13 @@ every adapted linear layer keeps its frozen weight W0 and learns W = W0 + (α/r)
 A (r × d_in), B (d_out × r), B = 0 at initialisation (LoRA eq 3: h = W0 x + ΔW x, ΔW = BA).
 
 The conventions are diffusers' and peft's: the adapter is added with ``peft.LoraConfig`` and
-``unet.add_adapter`` when peft is installed; the trained weights are turned into the diffusers
+``unet.add_adapter`` (peft is a dependency of diffnotes); the trained weights are turned into the diffusers
 LoRA state dict (``convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))``) and
 written by ``StableDiffusionPipeline.save_lora_weights``, as diffusers'
 ``train_dreambooth_lora.py`` does, so ``pipe.load_lora_weights(directory)`` reads the file.
-Where peft is not installed (this project's CPU environment has none), :class:`LoRALinear` is a
-hand-written layer with peft's parameter names (``base_layer``, ``lora_A``, ``lora_B``), so the
-same state dict, the same file and :func:`load_lora` work unchanged.
+:class:`LoRALinear` is the same layer written out by hand with peft's parameter names
+(``base_layer``, ``lora_A``, ``lora_B``): the chapter's "LoRA layer by hand", and the path
+``add_lora(..., use_peft=False)`` takes; its state dict and file are the same.
 
 Placeholder: the concept's captions name it with a new token (``"a <heart>"``, ``"a sks star"``)
 initialised at its class word's embedding plus a small fixed random offset (so that
@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..utils import check_int, check_positive, check_range
-from .common import (ConceptSet, add_placeholder, count_parameters, diffusion_loss,
-                     encode_images, encode_text, freeze, tensor_bytes, train_loop)
+from ..utils import check_int, check_positive
+from .common import (ConceptSet, add_placeholder, diffusion_loss, encode_images, encode_text,
+                     freeze, train_loop)
 
 try:  # pragma: no cover - depends on the environment
     import peft  # noqa: F401
@@ -312,11 +312,9 @@ def lora(pipe, images, prompt, rank: int = 4, target_modules=TARGET_MODULES, ste
 def _eval_config(concept: ConceptSet, progress: bool = False, rank: int = 4):
     import tempfile
 
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     res = lora(pipe, concept, concept.captions, rank=rank, progress=progress)
     with tempfile.TemporaryDirectory() as d:
         f = save_lora(pipe, d)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -319,10 +318,11 @@ SHAPES_SETTINGS = dict(n_exemplars=8, steps=100, lr=2e-2, batch_size=4, alpha=0.
 
 
 def run_evaluation(write: bool = True, progress: bool = True) -> dict:
+    from .evaluate import protocol_pipeline
+
     """Train ⟨R⟩ on the shapes model (:data:`SHAPES_SETTINGS`) and judge every prompt form of
     :data:`FORMS` on 40 new pairs (and the ablation without the steering loss and with uniform
     t); write ``results/reversion.json``."""
-    from ..models.load import load_pipeline
 
     t0 = time.perf_counter()
     cfg = SHAPES_SETTINGS
@@ -332,14 +332,12 @@ def run_evaluation(write: bool = True, progress: bool = True) -> dict:
                "evaluate", settings=cfg, threads=torch.get_num_threads(), rows={})
     variants = {"ReVersion (steer + importance sampling)": dict(),
                 "denoising only, uniform t": dict(steer_weight=0.0, alpha=0.0)}
-    base = load_pipeline("shapes")
-    base.set_progress_bar_config(disable=True)
+    base = protocol_pipeline()
     for form in FORMS:
         if form != "learned <R>":
             res["rows"][form] = evaluate_relation(base, pairs, form)
     for vname, over in variants.items():
-        pipe = load_pipeline("shapes")
-        pipe.set_progress_bar_config(disable=True)
+        pipe = protocol_pipeline()
         kw = dict(steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                   alpha=cfg["alpha"], steer_weight=cfg["steer_weight"])
         kw.update(over)

@@ -378,11 +378,9 @@ def _eval_placeholder(concept: ConceptSet, pipe) -> tuple[str, str]:
 def _eval_textual_inversion(concept: ConceptSet, progress: bool = False):
     import tempfile
 
-    from ..models.load import load_pipeline
-    from .evaluate import Tuned, pipeline_sampler
+    from .evaluate import pipeline_sampler, protocol_pipeline, Tuned
 
-    pipe = load_pipeline("shapes")
-    pipe.set_progress_bar_config(disable=True)
+    pipe = protocol_pipeline()
     ph, init = _eval_placeholder(concept, pipe)
     torch.manual_seed(0)
     res = textual_inversion(pipe, concept, placeholder=ph, initializer=init, seed=0,
