@@ -364,10 +364,9 @@ EVAL_SETTINGS = dict(steps=300, lr=5e-2, batch_size=4, weight_decay=1e-2)
 
 
 def _eval_placeholder(concept: ConceptSet, pipe) -> tuple[str, str]:
-    vocab = pipe.tokenizer.get_vocab()
-    ph = concept.placeholder
-    if ph in vocab:                      # the instance's "sks" is an existing word
-        ph = f"<{ph.strip('<>')}>"
+    from .evaluate import new_placeholder
+
+    ph = new_placeholder(concept, pipe)  # the instance's "sks" is an existing word: "<sks>"
     if concept.kind == "instance":
         init = "object"
     else:
