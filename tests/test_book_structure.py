@@ -130,3 +130,20 @@ def test_no_control_characters_in_the_prose():
     bad = [(name, repr(ch)) for name, text in sources for ch in set(text)
            if ord(ch) < 32 and ch != "\n"]
     assert not bad, f"control characters in the prose: {bad}"
+
+
+def test_cross_document_glue_references_parse():
+    """myst-nb reads ``{glue:text}`path::key:spec``` by splitting off the LAST colon as the
+    format spec, so ``path::key`` without a spec loses its key (the -W build fails). Every
+    cross-document reference on the front-matter pages carries a spec, names a chapter that
+    exists, and its key's prefix is glued in that chapter."""
+    refs = [(p.name, m) for p in sorted((ROOT / "book").glob("*.md"))
+            for m in re.findall(r"\{glue:text\}`([^`]*::[^`]*)`", p.read_text())]
+    assert refs, "the results page has no cross-document glue references"
+    for page, ref in refs:
+        path, key = ref.split("::", 1)
+        assert ":" in key, f"{page}: {ref!r} has no format spec (write {ref}:s)"
+        nb = (ROOT / "book" / path).resolve()
+        assert nb.exists(), f"{page}: {ref!r} names a missing notebook"
+        assert "glue(" in nb.read_text() and f'\\"{key.split(".")[0]}.' in nb.read_text(), \
+            f"{page}: {ref!r}: {nb.name} glues no key of that chapter's prefix"
