@@ -145,5 +145,6 @@ def test_cross_document_glue_references_parse():
         assert ":" in key, f"{page}: {ref!r} has no format spec (write {ref}:s)"
         nb = (ROOT / "book" / path).resolve()
         assert nb.exists(), f"{page}: {ref!r} names a missing notebook"
-        assert "glue(" in nb.read_text() and f'\\"{key.split(".")[0]}.' in nb.read_text(), \
+        text = nb.read_text()
+        assert "glue(" in text and f'\\"{key.split(".")[0]}.' in text, \
             f"{page}: {ref!r}: {nb.name} glues no key of that chapter's prefix"
